@@ -1,0 +1,29 @@
+import pytest
+import torch
+
+from vtc.zoo.tiny import left_pad, llava_prompt, tiny_llava
+
+N_TOKENS = 64  # 64x64 image, patch 8 -> 8x8 grid
+
+
+@pytest.fixture
+def make_llava():
+    def make(**kw):
+        kw.setdefault("image_size", 64)
+        return tiny_llava(**kw)
+    return make
+
+
+@pytest.fixture
+def llava_batch():
+    """Two different images, prompts of different lengths, left padded."""
+    g = torch.Generator().manual_seed(1)
+    pv = torch.randn(2, 3, 64, 64, generator=g)
+    rows = [llava_prompt(N_TOKENS, [1, 5, 6], [7, 8, 9]), llava_prompt(N_TOKENS, [1, 5], [7, 8, 9, 10, 11, 12])]
+    ids, am = left_pad(rows)
+    return {"input_ids": ids, "attention_mask": am, "pixel_values": pv, "rows": rows}
+
+
+def greedy(model, batch, n=6, **kw):
+    return model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                          pixel_values=batch["pixel_values"], max_new_tokens=n, do_sample=False, **kw)

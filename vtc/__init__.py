@@ -1,0 +1,12 @@
+"""vtc: visual-token compression for Hugging Face vision-language models.
+
+    import vtc
+    vtc.patch(model, method="cls", ratio=0.25)
+    model.generate(**inputs)
+"""
+from .api import Patch, get_patch, patch, patched, unpatch
+from .registry import available_methods, register_method
+from .runtime import CallStats
+
+__version__ = "0.1.0"
+__all__ = ["patch", "unpatch", "patched", "get_patch", "available_methods", "register_method", "Patch", "CallStats"]

@@ -1,0 +1,243 @@
+"""LLaVA-1.5 (``LlavaForConditionalGeneration``): CLIP-style tower -> MLP projector -> Llama-style LM.
+
+Sites:
+- ``vision``: pre-hooks on the requested ``CLIPAttention`` layers compute only the CLS query row from q/k
+  (any attention backend); a pre-hook on the projector hands each image's features to the runtime and
+  projects only the kept tokens; a forward hook lays them back into the placeholder layout (dropped rows
+  are zero and never reach the LM).
+- ``llm_input``: :class:`~vtc.adapters.llm_input.LLMInputPruner` on ``model.model.language_model``.
+
+Keep sets travel from the vision site to the LM through the identity of the per-image feature tensors in
+``pooler_output`` (``generate`` pre-encodes images, then may repeat the same tensor objects for beams).
+"""
+from __future__ import annotations
+
+import functools
+import weakref
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from ..core.batch import scatter_rows
+from ..core.scores import attention_rows, head_mean
+from ..runtime import Runtime
+from ..sites import VisionInfo
+from .base import Adapter, register_adapter
+from .llm_input import LLMInputPruner
+
+
+@dataclass
+class _Call:
+    """What the base-model forward pre-hook learnt about the current forward pass."""
+
+    visual: torch.Tensor | None  # (B, L) bool placeholder positions
+    keep_list: list[torch.Tensor] | None = None  # per image (N,) bool, in scatter order
+
+
+@dataclass
+class _VisionScratch:
+    active: bool = False
+    scores: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict)  # (kind, layer) -> (B, N)
+    layout: tuple[torch.Tensor, torch.Tensor, int] | None = None  # (index (B,k), valid (B,k), N)
+    keep: torch.Tensor | None = None  # (B, N) bool
+
+
+def vision_layers(tower: nn.Module) -> nn.ModuleList:
+    """Encoder layers of a CLIP/SigLIP-style vision tower (with or without the ``vision_model`` wrapper)."""
+    inner = getattr(tower, "vision_model", tower)
+    return inner.encoder.layers
+
+
+@register_adapter
+class LlavaAdapter(Adapter):
+    model_classes = ("LlavaForConditionalGeneration", "LlavaModel")
+    family = "llava"
+    supported_sites = ("vision", "llm_input")
+
+    def __init__(self, model: nn.Module):
+        super().__init__(model)
+        self.base = model.model if hasattr(model, "lm_head") else model  # LlavaModel
+        cfg = self.base.config
+        self.image_token_id = cfg.image_token_id
+        self.strategy = cfg.vision_feature_select_strategy
+        tower = self.base.vision_tower
+        self.layers = vision_layers(tower)
+        vcfg = tower.config
+        n_layers = len(self.layers)
+        fl = cfg.vision_feature_layer
+        fl = fl[-1] if isinstance(fl, (list, tuple)) else fl
+        hidden_index = fl % (n_layers + 1)
+        self.grid = (vcfg.image_size // vcfg.patch_size,) * 2
+        embeddings = getattr(getattr(tower, "vision_model", tower), "embeddings", None)
+        self.has_cls = hasattr(embeddings, "class_embedding")
+        self.drop_cls_column = self.has_cls and self.strategy == "default"
+        self._info = VisionInfo(
+            num_layers=n_layers,
+            feature_layer=hidden_index - 1,
+            has_cls=self.has_cls,
+            grid=self.grid,
+        )
+
+    def vision_info(self) -> VisionInfo:
+        return self._info
+
+    # ------------------------------------------------------------------ install
+    def install(self, runtime: Runtime) -> None:
+        self.rt = runtime
+        self.scratch = _VisionScratch()
+        self.call: _Call | None = None
+        self.keep_by_id: dict[int, tuple[weakref.ref, torch.Tensor]] = {}
+
+        by_layer: dict[int, set[str]] = {}
+        for req in runtime.score_requests():
+            for l in req.layers:
+                if not 0 <= l < len(self.layers):
+                    raise ValueError(f"score layer {l} outside the vision tower's layers 0..{len(self.layers) - 1}")
+                by_layer.setdefault(l, set()).add(req.kind)
+        for l, kinds in by_layer.items():
+            attn = self.layers[l].self_attn
+            self._hook(attn.register_forward_pre_hook(self._score_hook(l, sorted(kinds)), with_kwargs=True))
+
+        proj = self.base.multi_modal_projector
+        self._hook(proj.register_forward_pre_hook(self._projector_pre))
+        self._hook(proj.register_forward_hook(self._projector_post))
+
+        original = self.base.get_image_features  # bound method; wraps() keeps its signature for generate()
+        self._set_instance_attr(self.base, "get_image_features", self._wrap_image_features(original))
+        self._hook(self.base.register_forward_pre_hook(self._base_pre, with_kwargs=True))
+        self._hook(self.base.register_forward_hook(self._base_post, with_kwargs=True))
+
+        self.pruner = LLMInputPruner(self.base.language_model, self._keep_for_lm, runtime)
+        self.pruner.install(self._hook)
+
+    # ------------------------------------------------------------------ vision site
+    def _score_hook(self, layer: int, kinds: list[str]):
+        def hook(module: nn.Module, args: tuple, kwargs: dict[str, Any]):
+            if not self.scratch.active:
+                return None
+            with self.rt.timed():
+                h = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+                b, s, _ = h.shape
+                nh, hd = module.num_heads, module.head_dim
+                q = module.q_proj(h[:, :1]).view(b, 1, nh, hd).transpose(1, 2)
+                k = module.k_proj(h).view(b, s, nh, hd).transpose(1, 2)
+                for kind in kinds:
+                    row = head_mean(attention_rows(q, k, module.scale, softmax=(kind == "cls_prob")))[:, 0]
+                    if self.drop_cls_column:
+                        row = row[:, 1:]
+                    self.scratch.scores[(kind, layer)] = row
+            return None
+
+        return hook
+
+    def _projector_pre(self, module: nn.Module, args: tuple):
+        if not self.scratch.active:
+            return None
+        with self.rt.timed():
+            x = args[0]  # (B, N, D)
+            b, n, _ = x.shape
+            grid = self.grid if self.grid[0] * self.grid[1] == n else None
+            sels = [
+                self.rt.compress_image(x[i], grid, {key: v[i] for key, v in self.scratch.scores.items()})
+                for i in range(b)
+            ]
+            keep = torch.zeros(b, n, dtype=torch.bool, device=x.device)
+            for i, s in enumerate(sels):
+                keep[i, s.index] = True
+            self.scratch.keep = keep
+            untouched = all(s.features is None for s in sels) and bool(keep.all())
+            if untouched:
+                self.scratch.layout = None
+                return None
+            k = max(s.index.numel() for s in sels)
+            index = torch.zeros(b, k, dtype=torch.long, device=x.device)
+            valid = torch.zeros(b, k, dtype=torch.bool, device=x.device)
+            packed = x.new_zeros(b, k, x.shape[-1])
+            for i, s in enumerate(sels):
+                m = s.index.numel()
+                index[i, :m] = s.index
+                valid[i, :m] = True
+                packed[i, :m] = s.features if s.features is not None else x[i, s.index]
+            self.scratch.layout = (index, valid, n)
+        return (packed,) + args[1:]
+
+    def _projector_post(self, module: nn.Module, args: tuple, output: torch.Tensor):
+        layout = self.scratch.layout
+        if not self.scratch.active or layout is None:
+            return None
+        with self.rt.timed():
+            index, valid, n = layout
+            return scatter_rows(output, index, valid, n)
+
+    def _wrap_image_features(self, original):
+        @functools.wraps(original)
+        def get_image_features(*args, **kwargs):
+            self.scratch = _VisionScratch(active=True)
+            try:
+                out = original(*args, **kwargs)
+            finally:
+                self.scratch.active = False
+            keep = self.scratch.keep
+            feats = out.pooler_output if hasattr(out, "pooler_output") else None
+            if keep is None or feats is None:
+                return out
+            if len(feats) != keep.shape[0] or any(f.shape[0] != keep.shape[1] for f in feats):
+                raise RuntimeError("vtc: unexpected image feature layout from get_image_features")
+            keep_list = list(keep.unbind(0))
+            self._remember(feats, keep_list)
+            if self.call is not None:
+                self.call.keep_list = keep_list
+            return out
+
+        return get_image_features
+
+    def _remember(self, feats, keep_list: list[torch.Tensor]) -> None:
+        # drop entries whose tensors are gone, then register these
+        self.keep_by_id = {i: (r, k) for i, (r, k) in self.keep_by_id.items() if r() is not None}
+        for f, k in zip(feats, keep_list):
+            self.keep_by_id[id(f)] = (weakref.ref(f), k)
+
+    # ------------------------------------------------------------------ base model
+    def _base_pre(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]):
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        embeds = kwargs.get("inputs_embeds")
+        if input_ids is not None:
+            visual = input_ids == self.image_token_id
+        elif embeds is not None:
+            token = self.base.get_input_embeddings()(torch.tensor(self.image_token_id, device=embeds.device))
+            visual = (embeds == token).all(-1)
+        else:
+            visual = None
+        call = _Call(visual)
+        enc = kwargs.get("mm_encoder_outputs") or {}
+        image_out = enc.get("image") if isinstance(enc, dict) else None
+        if image_out is not None and getattr(image_out, "pooler_output", None) is not None:
+            keep_list = []
+            for f in image_out.pooler_output:
+                entry = self.keep_by_id.get(id(f))
+                if entry is not None and entry[0]() is f:
+                    keep_list.append(entry[1])
+                else:  # encoded without vtc (e.g. before patching): keep everything
+                    keep_list.append(torch.ones(f.shape[0], dtype=torch.bool, device=f.device))
+            call.keep_list = keep_list
+        self.call = call
+        return None
+
+    def _base_post(self, module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any):
+        self.call = None
+        return None
+
+    def _keep_for_lm(self, lm_kwargs: dict[str, Any]):
+        call = self.call
+        if call is None or call.visual is None or call.keep_list is None:
+            return None
+        visual = call.visual
+        flat = torch.cat(call.keep_list) if call.keep_list else visual.new_zeros(0)
+        if flat.numel() != int(visual.sum()):
+            return None  # placeholders and features disagree; the model's own check reports it
+        keep = ~visual
+        keep[visual] = flat.to(keep.device)
+        keep[:, -1] = True  # the last position feeds the next-token logits
+        return keep, visual

@@ -1,0 +1,1 @@
+"""Model-agnostic tensor utilities shared by methods and adapters (no transformers imports)."""

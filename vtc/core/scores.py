@@ -1,0 +1,47 @@
+"""Attention rows computed from q/k, so scores never require eager attention."""
+from __future__ import annotations
+
+import torch
+
+
+def attention_rows(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    scale: float,
+    mask: torch.Tensor | None = None,
+    softmax: bool = True,
+) -> torch.Tensor:
+    """Attention of a few query rows over all keys.
+
+    q: (B, Hq, Q, d) queries (only the rows you need); k: (B, Hk, S, d) keys, Hq a multiple of Hk (GQA).
+    mask: optional boolean (B, 1|Hq, Q, S) with True = may attend, or additive float mask.
+    Returns (B, Hq, Q, S): probabilities (fp32) if softmax, else the scaled logits.
+    """
+    if q.shape[1] != k.shape[1]:
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    logits = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
+    if mask is not None:
+        if mask.dtype == torch.bool:
+            logits = logits.masked_fill(~mask, float("-inf"))
+        else:
+            logits = logits + mask.float()
+    return logits.softmax(dim=-1) if softmax else logits
+
+
+def head_mean(rows: torch.Tensor) -> torch.Tensor:
+    """Average (B, H, Q, S) attention rows over heads -> (B, Q, S)."""
+    return rows.mean(dim=1)
+
+
+def combine_layers(per_layer: list[torch.Tensor], how: str = "sum") -> torch.Tensor:
+    """Ensemble per-layer score vectors (same shape) by sum, mean, max or min."""
+    stacked = torch.stack(per_layer, dim=0)
+    if how == "sum":
+        return stacked.sum(0)
+    if how == "mean":
+        return stacked.mean(0)
+    if how == "max":
+        return stacked.amax(0)
+    if how == "min":
+        return stacked.amin(0)
+    raise ValueError(f"unknown layer ensemble {how!r}; allowed: sum, mean, max, min")

@@ -1,0 +1,24 @@
+"""Method names -> method classes."""
+from __future__ import annotations
+
+from .methods import ClsPruning, Method, PoolCompression, RandomPruning, UniformPruning
+
+METHODS: dict[str, type[Method]] = {
+    "cls": ClsPruning,
+    "random": RandomPruning,
+    "uniform": UniformPruning,
+    "pool": PoolCompression,
+}
+
+
+def register_method(cls: type[Method]) -> type[Method]:
+    """Register a Method subclass under ``cls.name`` (usable as a decorator)."""
+    if not cls.name:
+        raise ValueError("a method class needs a non-empty `name`")
+    METHODS[cls.name] = cls
+    return cls
+
+
+def available_methods() -> list[str]:
+    """Names accepted by ``vtc.patch(model, method=...)``."""
+    return sorted(METHODS)

@@ -1,0 +1,83 @@
+"""The bridge an adapter calls at each site: resolves budgets, runs the method, keeps statistics.
+
+Adapters talk to a :class:`Runtime`, never to a method directly, so a new method needs no adapter change.
+"""
+from __future__ import annotations
+
+import time
+from collections import deque
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+
+from .core.select import budget as resolve_budget
+from .methods.base import Method
+from .sites import ScoreRequest, Selection, VisualInput
+
+
+@dataclass
+class CallStats:
+    """One compressed forward pass (a prefill): visual tokens per batch row before and after, and the
+    wall-clock seconds spent in vtc's own code (scoring, selection, gathers)."""
+
+    tokens_before: list[int]
+    tokens_after: list[int]
+    seconds: float
+
+    @property
+    def kept_fraction(self) -> float:
+        before = sum(self.tokens_before)
+        return sum(self.tokens_after) / before if before else 1.0
+
+
+class Runtime:
+    """Per-patch state shared by the hooks of one model instance."""
+
+    def __init__(self, method: Method, ratio: float | None, tokens: int | None, max_stats: int = 10_000):
+        self.method = method
+        self.ratio = ratio
+        self.tokens = tokens
+        self.stats: deque[CallStats] = deque(maxlen=max_stats)
+        self._pending_seconds = 0.0
+
+    # ----- what the adapter asks
+    def score_requests(self) -> list[ScoreRequest]:
+        return self.method.score_requests()
+
+    def budget(self, n: int) -> int:
+        return resolve_budget(n, self.ratio, self.tokens)
+
+    def compress_image(
+        self,
+        features: torch.Tensor,
+        grid: tuple[int, int] | None,
+        scores: dict[tuple[str, int], torch.Tensor],
+    ) -> Selection:
+        """Run the method's ``vision`` site on one image's (N, D) features."""
+        n = features.shape[0]
+        k = self.budget(n)
+        if k >= n and not getattr(self.method, "transforms_at_full_budget", False):
+            return Selection(torch.arange(n, device=features.device))
+        sel = self.method.select(VisualInput(features=features, budget=k, grid=grid, scores=scores))
+        if sel.index.numel() != k:
+            raise RuntimeError(f"method {self.method.name!r} returned {sel.index.numel()} tokens, budget was {k}")
+        return sel
+
+    # ----- bookkeeping
+    @contextmanager
+    def timed(self) -> Iterator[None]:
+        """Count the enclosed time as compression overhead of the current call."""
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._pending_seconds += time.perf_counter() - t0
+
+    def record(self, before: list[int], after: list[int]) -> None:
+        self.stats.append(CallStats(before, after, self._pending_seconds))
+        self._pending_seconds = 0.0
+
+    def discard_pending_time(self) -> None:
+        self._pending_seconds = 0.0

@@ -1,0 +1,1 @@
+"""Synthetic data, toy-model builders and bundled toy checkpoints (everything runs offline)."""
