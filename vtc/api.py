@@ -28,6 +28,10 @@ class Patch:
     def stats(self) -> list[CallStats]:
         return list(self.runtime.stats)
 
+    def last_kept(self) -> list:
+        """Per image (N,) boolean keep masks of the most recent compressed images (raster order)."""
+        return list(self.runtime.last_keep)
+
     def remove(self) -> None:
         """Same as ``vtc.unpatch(model)``."""
         unpatch(self.model)

@@ -41,6 +41,8 @@ class Runtime:
         self.tokens = tokens
         self.stats: deque[CallStats] = deque(maxlen=max_stats)
         self._pending_seconds = 0.0
+        #: per image (N,) bool keep masks of the most recent vision-site call, for overlays and inspection
+        self.last_keep: list[torch.Tensor] = []
 
     # ----- what the adapter asks
     def score_requests(self) -> list[ScoreRequest]:

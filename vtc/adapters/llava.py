@@ -1,8 +1,8 @@
 """LLaVA-1.5 (``LlavaForConditionalGeneration``): CLIP-style tower -> MLP projector -> Llama-style LM.
 
 Sites:
-- ``vision``: pre-hooks on the requested ``CLIPAttention`` layers compute only the CLS query row from q/k
-  (any attention backend); a pre-hook on the projector hands each image's features to the runtime and
+- ``vision``: hooks on the requested ``CLIPAttention`` layers capture the layer's own q/k projections and
+  compute only the CLS query row (any attention backend, no extra projection FLOPs); a pre-hook on the projector hands each image's features to the runtime and
   projects only the kept tokens; a forward hook lays them back into the placeholder layout (dropped rows
   are zero and never reach the LM).
 - ``llm_input``: :class:`~vtc.adapters.llm_input.LLMInputPruner` on ``model.model.language_model``.
@@ -97,8 +97,7 @@ class LlavaAdapter(Adapter):
                     raise ValueError(f"score layer {l} outside the vision tower's layers 0..{len(self.layers) - 1}")
                 by_layer.setdefault(l, set()).add(req.kind)
         for l, kinds in by_layer.items():
-            attn = self.layers[l].self_attn
-            self._hook(attn.register_forward_pre_hook(self._score_hook(l, sorted(kinds)), with_kwargs=True))
+            self._install_score_hooks(l, sorted(kinds))
 
         proj = self.base.multi_modal_projector
         self._hook(proj.register_forward_pre_hook(self._projector_pre))
@@ -113,16 +112,26 @@ class LlavaAdapter(Adapter):
         self.pruner.install(self._hook)
 
     # ------------------------------------------------------------------ vision site
-    def _score_hook(self, layer: int, kinds: list[str]):
-        def hook(module: nn.Module, args: tuple, kwargs: dict[str, Any]):
-            if not self.scratch.active:
+    def _install_score_hooks(self, layer: int, kinds: list[str]) -> None:
+        """Capture the layer's own q/k projections (no extra projection FLOPs) and compute the CLS row."""
+        attn = self.layers[layer].self_attn
+        captured: dict[str, torch.Tensor] = {}
+
+        def grab(name: str):
+            def hook(module: nn.Module, args: tuple, output: torch.Tensor):
+                if self.scratch.active:
+                    captured[name] = output[:, :1] if name == "q" else output
+            return hook
+
+        def compute(module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any):
+            if not self.scratch.active or "q" not in captured or "k" not in captured:
                 return None
             with self.rt.timed():
-                h = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-                b, s, _ = h.shape
+                q, k = captured.pop("q"), captured.pop("k")
+                b, s, _ = k.shape
                 nh, hd = module.num_heads, module.head_dim
-                q = module.q_proj(h[:, :1]).view(b, 1, nh, hd).transpose(1, 2)
-                k = module.k_proj(h).view(b, s, nh, hd).transpose(1, 2)
+                q = q.view(b, 1, nh, hd).transpose(1, 2)
+                k = k.view(b, s, nh, hd).transpose(1, 2)
                 for kind in kinds:
                     row = head_mean(attention_rows(q, k, module.scale, softmax=(kind == "cls_prob")))[:, 0]
                     if self.drop_cls_column:
@@ -130,7 +139,9 @@ class LlavaAdapter(Adapter):
                     self.scratch.scores[(kind, layer)] = row
             return None
 
-        return hook
+        self._hook(attn.q_proj.register_forward_hook(grab("q")))
+        self._hook(attn.k_proj.register_forward_hook(grab("k")))
+        self._hook(attn.register_forward_hook(compute, with_kwargs=True))
 
     def _projector_pre(self, module: nn.Module, args: tuple):
         if not self.scratch.active:
@@ -147,6 +158,7 @@ class LlavaAdapter(Adapter):
             for i, s in enumerate(sels):
                 keep[i, s.index] = True
             self.scratch.keep = keep
+            self.rt.last_keep = [k.detach().cpu() for k in keep]
             untouched = all(s.features is None for s in sels) and bool(keep.all())
             if untouched:
                 self.scratch.layout = None

@@ -1,0 +1,18 @@
+"""Analytic prefill FLOPs (multiply-adds x 2) for CLIP-style towers and Llama-style decoders."""
+from __future__ import annotations
+
+
+def vit_flops(tokens: int, layers: int, d: int, d_ff: int) -> float:
+    per_layer = 2 * tokens * (4 * d * d + 2 * d * d_ff) + 2 * 2 * tokens * tokens * d
+    return layers * per_layer
+
+
+def llama_flops(tokens: int, layers: int, d: int, d_ff: int, heads: int, kv_heads: int) -> float:
+    dkv = d // heads * kv_heads
+    proj = 2 * tokens * (d * d + 2 * d * dkv + d * d + 3 * d * d_ff)
+    attn = 2 * 2 * tokens * tokens * d / 2  # causal: half the score/value matmuls
+    return layers * (proj + attn)
+
+
+def projector_flops(tokens: int, d_in: int, d_out: int) -> float:
+    return 2 * tokens * (d_in * d_out + d_out * d_out)

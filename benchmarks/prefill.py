@@ -1,0 +1,110 @@
+"""Prefill time of a LLaVA-1.5-shaped model, unpatched vs patched, measured in one process.
+
+    python benchmarks/prefill.py                      # CPU-sized LLM, ratios 0.5 / 0.25 / 0.11
+    python benchmarks/prefill.py --device cuda --llm-layers 32 --llm-width 4096   # full 7B shape on a GPU
+
+Vision tower: CLIP ViT-L/14-336 shape (24 layers, 1024 wide, 577 tokens), random weights. The Llama LM is
+scaled down in depth/width by default so a run fits a CPU. Prompt: 576 visual + ~40 text tokens.
+Prints the measured speedup, the FLOP-ideal speedup, and vtc's own time as % of the unpatched prefill.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+import vtc  # noqa: E402
+from flops import llama_flops, projector_flops, vit_flops  # noqa: E402
+
+
+def build(args):
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    vision = CLIPVisionConfig(image_size=336, patch_size=14, hidden_size=1024, intermediate_size=4096,
+                              num_hidden_layers=24, num_attention_heads=16, projection_dim=768)
+    text = LlamaConfig(vocab_size=32064, hidden_size=args.llm_width, intermediate_size=args.llm_width * 11 // 4,
+                       num_hidden_layers=args.llm_layers, num_attention_heads=args.llm_width // 128,
+                       num_key_value_heads=args.llm_width // 128, max_position_embeddings=4096)
+    cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_id=32000, vision_feature_layer=-2,
+                      vision_feature_select_strategy="default")
+    torch.manual_seed(0)
+    with torch.device(args.device):
+        model = LlavaForConditionalGeneration(cfg)
+    dtype = torch.float16 if args.device == "cuda" else torch.float32
+    return model.to(dtype).eval(), dtype
+
+
+def prefill_flops(cfg, visual: int, text: int) -> float:
+    v, t = cfg.vision_config, cfg.text_config
+    return (vit_flops(577, v.num_hidden_layers, v.hidden_size, v.intermediate_size)
+            + projector_flops(visual, v.hidden_size, t.hidden_size)
+            + llama_flops(visual + text, t.num_hidden_layers, t.hidden_size, t.intermediate_size,
+                          t.num_attention_heads, t.num_key_value_heads))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--llm-layers", type=int, default=8)
+    ap.add_argument("--llm-width", type=int, default=2048)
+    ap.add_argument("--methods", default="cls,uniform")
+    ap.add_argument("--ratios", default="0.5,0.25,0.11")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads on CPU (0: default)")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, dtype = build(args)
+    n_text = 40
+    ids = torch.tensor([[1] + list(range(10, 45)) + [32000] * 576 + [50, 51, 52, 53]], device=args.device)
+    pv = torch.randn(1, 3, 336, 336, device=args.device, dtype=dtype)
+    sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
+
+    def run_once() -> float:
+        sync()
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            model(input_ids=ids, pixel_values=pv, use_cache=True, logits_to_keep=1)
+        sync()
+        return time.perf_counter() - t0
+
+    configs = [("none", 1.0)] + [(m, float(r)) for m in args.methods.split(",") for r in args.ratios.split(",")]
+    times: dict[tuple[str, float], list[float]] = {c: [] for c in configs}
+    overhead: dict[tuple[str, float], list[float]] = {c: [] for c in configs}
+    kept: dict[tuple[str, float], int] = {}
+    for rep in range(args.repeats + 1):  # round-robin so drift hits every config alike; round 0 is warm-up
+        for c in configs:
+            method, ratio = c
+            p = vtc.patch(model, method, ratio=ratio) if method != "none" else None
+            dt = run_once()
+            if p is not None:
+                st = p.stats[-1]
+                kept[c] = st.tokens_after[0]
+                vtc.unpatch(model)
+                if rep:
+                    overhead[c].append(st.seconds)
+            else:
+                kept[c] = 576
+            if rep:
+                times[c].append(dt)
+    base_t = statistics.median(times[("none", 1.0)])
+    base_f = prefill_flops(model.config, 576, n_text)
+    dev = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU x{torch.get_num_threads()} threads"
+    print(f"LLaVA-1.5-shaped prefill: ViT-L/14-336 + Llama {args.llm_layers}L x {args.llm_width}, {dtype}, {dev}; "
+          f"median of {args.repeats}")
+    print(f"{'method':8} {'ratio':>5} {'visual':>6} {'prefill ms':>10} {'speedup':>8} {'ideal':>6} {'of ideal':>8} {'overhead':>8}")
+    for c in configs:
+        t = statistics.median(times[c])
+        ideal = base_f / prefill_flops(model.config, kept[c], n_text)
+        sp = base_t / t
+        ov = 100 * statistics.median(overhead[c]) / base_t if overhead[c] else 0.0
+        print(f"{c[0]:8} {c[1]:5.2f} {kept[c]:6d} {t * 1e3:10.1f} {sp:7.2f}x {ideal:5.2f}x {100 * sp / ideal:7.0f}% {ov:7.2f}%")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,107 @@
+"""MME data in both real layouts: the official ``MME_Benchmark`` folders and lmms-eval's parquet schema."""
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from PIL import Image
+
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+
+
+@dataclass
+class MMERecord:
+    question_id: str  # "<category>/<image file>", as in lmms-lab/MME
+    question: str
+    answer: str  # "Yes" | "No"
+    category: str
+    image_path: str | None = None
+    image_bytes: bytes | None = None
+
+    def image(self) -> Image.Image:
+        if self.image_bytes is not None:
+            return Image.open(io.BytesIO(self.image_bytes)).convert("RGB")
+        return Image.open(self.image_path).convert("RGB")
+
+
+def load_mme(path: str | Path) -> list[MMERecord]:
+    """Records from a parquet file, a folder of parquet files, or an ``MME_Benchmark`` folder."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no MME data at {path}")
+    if path.is_file() and path.suffix == ".parquet":
+        return load_mme_parquet([path])
+    parquets = sorted(path.glob("*.parquet")) + sorted(path.glob("data/*.parquet"))
+    if parquets:
+        return load_mme_parquet(parquets)
+    root = path / "MME_Benchmark_release_version" if (path / "MME_Benchmark_release_version").is_dir() else path
+    records = list(_iter_folder(root))
+    if not records:
+        raise ValueError(f"{path} holds neither parquet files nor MME_Benchmark category folders")
+    return records
+
+
+def load_mme_parquet(files: list[Path]) -> list[MMERecord]:
+    """lmms-eval schema: question_id, image ({bytes, path}), question, answer, category."""
+    import pyarrow.parquet as pq
+
+    out = []
+    for f in files:
+        table = pq.read_table(f)
+        missing = {"question_id", "image", "question", "answer", "category"} - set(table.column_names)
+        if missing:
+            raise ValueError(f"{f} lacks MME columns {sorted(missing)}")
+        for row in table.to_pylist():
+            img = row["image"]
+            data = img.get("bytes") if isinstance(img, dict) else img
+            out.append(MMERecord(row["question_id"], row["question"], row["answer"], row["category"], image_bytes=data))
+    return out
+
+
+def _iter_folder(root: Path) -> Iterator[MMERecord]:
+    """Official layout: <category>/{images/, questions_answers_YN/} or flat <stem>.<img> + <stem>.txt pairs;
+    each .txt holds two ``question<TAB>Yes|No`` lines."""
+    for cat_dir in sorted(p for p in root.iterdir() if p.is_dir()):
+        cat = cat_dir.name
+        if (cat_dir / "questions_answers_YN").is_dir():
+            qa_dir, img_dir = cat_dir / "questions_answers_YN", cat_dir / "images"
+        else:
+            qa_dir = img_dir = cat_dir
+        for txt in sorted(qa_dir.glob("*.txt")):
+            img = next((img_dir / (txt.stem + e) for e in IMAGE_EXTS if (img_dir / (txt.stem + e)).exists()), None)
+            if img is None:
+                continue
+            for line in txt.read_text(encoding="utf-8").splitlines():
+                if not line.strip():
+                    continue
+                q, a = line.rsplit("\t", 1)
+                yield MMERecord(f"{cat}/{img.name}", q, a.strip(), cat, image_path=str(img))
+
+
+def write_shapes_mme(out: str | Path, seed: int, per_category: int, canvas: int = 112) -> Path:
+    """Write a ShapesMME split in both layouts: ``MME_Benchmark_release_version/`` folders and ``mme.parquet``."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from ..zoo.shapes import CATEGORIES, ShapesGenerator
+
+    out = Path(out)
+    root = out / "MME_Benchmark_release_version"
+    gen = ShapesGenerator(seed, canvas=canvas)
+    rows = []
+    for cat in CATEGORIES:
+        (root / cat).mkdir(parents=True, exist_ok=True)
+        for i in range(per_category):
+            img, scene = gen.sample(cat)
+            name = f"{i:04d}.png"
+            img.save(root / cat / name)
+            lines = [f"{q}{' Please answer yes or no.'}\t{a}" for q, a in scene.qa]
+            (root / cat / f"{i:04d}.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+            data = (root / cat / name).read_bytes()
+            for q, a in scene.qa:
+                rows.append({"question_id": f"{cat}/{name}", "image": {"bytes": data, "path": name},
+                             "question": q + " Please answer yes or no.", "answer": a, "category": cat})
+    pq.write_table(pa.Table.from_pylist(rows), out / "mme.parquet")
+    return out

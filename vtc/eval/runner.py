@@ -1,0 +1,178 @@
+"""Batched, resumable MME evaluation of a (possibly patched) model, and method x ratio sweeps."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+import vtc
+
+from .mme_data import MMERecord
+from .mme_scoring import mme_prompt, mme_scores
+
+
+def _key(r: MMERecord) -> str:
+    return f"{r.question_id}\t{r.question}"
+
+
+def _generate(model, processor, batch: list[MMERecord], max_new_tokens: int) -> list[str]:
+    prompts = []
+    for r in batch:
+        conv = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": mme_prompt(r.question)}]}]
+        prompts.append(processor.apply_chat_template(conv, add_generation_prompt=True))
+    inputs = processor(images=[r.image() for r in batch], text=prompts, return_tensors="pt", padding=True)
+    inputs = inputs.to(model.device)
+    if "pixel_values" in inputs:
+        inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+    with torch.inference_mode():
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    return [t.strip() for t in processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)]
+
+
+def evaluate_mme(
+    model: Any,
+    processor: Any,
+    records: Sequence[MMERecord],
+    out_dir: str | Path | None = None,
+    method: str | None = None,
+    ratio: float | None = None,
+    tokens: int | None = None,
+    batch_size: int = 8,
+    max_new_tokens: int = 16,
+    config: dict | None = None,
+    progress: bool = True,
+    **hyperparameters: Any,
+) -> dict:
+    """Evaluate on MME records; with ``method`` the model is patched for the run and unpatched after.
+
+    Predictions are appended to ``out_dir/predictions.jsonl`` as they come, so an interrupted run resumes
+    where it stopped; ``out_dir/results.json`` gets the config, scores, compression stats and predictions.
+    """
+    processor.tokenizer.padding_side = "left"
+    out = Path(out_dir) if out_dir else None
+    done: dict[str, dict] = {}
+    if out:
+        out.mkdir(parents=True, exist_ok=True)
+        pred_file = out / "predictions.jsonl"
+        if pred_file.exists():
+            for line in pred_file.read_text().splitlines():
+                if line.strip():
+                    rec = json.loads(line)
+                    done[rec["key"]] = rec
+    todo = [r for r in records if _key(r) not in done]
+    patch = vtc.patch(model, method, ratio=ratio, tokens=tokens, **hyperparameters) if method else None
+    t_gen = 0.0
+    try:
+        bar = tqdm(total=len(records), initial=len(records) - len(todo), disable=not progress,
+                   desc=f"MME {method or 'none'}{'' if ratio is None else f' r={ratio}'}")
+        for i in range(0, len(todo), batch_size):
+            batch = list(todo[i:i + batch_size])
+            t0 = time.perf_counter()
+            preds = _generate(model, processor, batch, max_new_tokens)
+            t_gen += time.perf_counter() - t0
+            lines = []
+            for r, p in zip(batch, preds):
+                rec = {"key": _key(r), "question_id": r.question_id, "category": r.category, "question": r.question,
+                       "answer": r.answer, "prediction": p}
+                done[rec["key"]] = rec
+                lines.append(json.dumps(rec))
+            if out:
+                with open(out / "predictions.jsonl", "a") as f:
+                    f.write("\n".join(lines) + "\n")
+            bar.update(len(batch))
+        bar.close()
+        stats = patch.stats if patch else []
+    finally:
+        if patch:
+            vtc.unpatch(model)
+    preds = [done[_key(r)] for r in records]
+    before = [t for s in stats for t in s.tokens_before]
+    after = [t for s in stats for t in s.tokens_after]
+    result = {
+        "config": {"method": method or "none", "ratio": ratio, "tokens": tokens, "hyperparameters": hyperparameters,
+                   "batch_size": batch_size, "max_new_tokens": max_new_tokens, "prompt": "lmms-eval MME default",
+                   **(config or {})},
+        "scores": mme_scores(preds),
+        "compression": {
+            "visual_tokens_before": sum(before) / len(before) if before else None,
+            "visual_tokens_after": sum(after) / len(after) if after else None,
+            "compress_seconds": sum(s.seconds for s in stats),
+            "generate_seconds_this_run": t_gen,
+        },
+        "predictions": preds,
+    }
+    if out:
+        (out / "results.json").write_text(json.dumps(result, indent=1))
+    return result
+
+
+def sweep(
+    model: Any,
+    processor: Any,
+    records: Sequence[MMERecord],
+    out_dir: str | Path,
+    methods: Sequence[str] = ("cls", "random", "uniform", "pool"),
+    ratios: Sequence[float] = (1.0, 0.5, 0.25, 0.11),
+    batch_size: int = 8,
+    progress: bool = True,
+    config: dict | None = None,
+) -> list[dict]:
+    """Evaluate every method at every ratio (ratio 1.0 is exactly the unpatched model, so it is run once),
+    write ``table.md``, ``sweep.json`` and ``sweep.png`` (score vs ratio, one line per method)."""
+    out = Path(out_dir)
+    rows = []
+    base = evaluate_mme(model, processor, records, out / "none_1.0", batch_size=batch_size, progress=progress,
+                        config=config)
+    for m in methods:
+        for r in ratios:
+            res = base if r >= 1.0 else evaluate_mme(model, processor, records, out / f"{m}_{r}", method=m, ratio=r,
+                                                     batch_size=batch_size, progress=progress, config=config)
+            s = res["scores"]
+            rows.append({"method": m, "ratio": r, "perception": s["perception"], "accuracy": s["question_accuracy"],
+                         "tokens": res["compression"]["visual_tokens_after"],
+                         "categories": {c: v["score"] for c, v in s["categories"].items()}})
+    (out / "sweep.json").write_text(json.dumps(rows, indent=1))
+    (out / "table.md").write_text(sweep_table(rows))
+    plot_sweep(rows, out / "sweep.png", ylabel="MME perception score")
+    return rows
+
+
+def sweep_table(rows: list[dict]) -> str:
+    ratios = sorted({r["ratio"] for r in rows}, reverse=True)
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    lookup = {(r["method"], r["ratio"]): r for r in rows}
+    head = "| method | " + " | ".join(f"r={x:g}" for x in ratios) + " |\n|---|" + "---|" * len(ratios) + "\n"
+    body = ""
+    for m in methods:
+        cells = []
+        for x in ratios:
+            r = lookup.get((m, x))
+            cells.append(f"{r['perception']:.1f} ({100 * r['accuracy']:.1f}%)" if r else "")
+        body += f"| {m} | " + " | ".join(cells) + " |\n"
+    return head + body
+
+
+def plot_sweep(rows: list[dict], path: str | Path, ylabel: str, key: str = "perception") -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for m in dict.fromkeys(r["method"] for r in rows):
+        pts = sorted((r["ratio"], r[key]) for r in rows if r["method"] == m)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=m)
+    ax.set_xscale("log")
+    ax.set_xticks(sorted({r["ratio"] for r in rows}))
+    ax.set_xticklabels([f"{x:g}" for x in sorted({r["ratio"] for r in rows})])
+    ax.set_xlabel("fraction of visual tokens kept")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

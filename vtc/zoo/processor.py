@@ -1,0 +1,64 @@
+"""Offline word-level tokenizer and LLaVA processor for the toy models (no hub access needed)."""
+from __future__ import annotations
+
+import re
+
+from .shapes import COLORS, NUMBERS, SHAPES, SIZES
+
+SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
+IMAGE_TOKEN = "<image>"
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'user' %}USER: "
+    "{% for c in message['content'] %}{% if c['type'] == 'image' %}<image>\n{% endif %}{% endfor %}"
+    "{% for c in message['content'] %}{% if c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %} "
+    "{% else %}ASSISTANT: {% for c in message['content'] %}{% if c['type'] == 'text' %}{{ c['text'] }}{% endif %}"
+    "{% endfor %}</s>{% endif %}{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+_TEXT = """
+user assistant is there a an the in image are on left right of number written please answer yes no
+question using single word or phrase what how many color shape which side top bottom it this
+same different than more fewer empty
+select best following multiple choice based video respond with only letter option from given choices directly
+first appear appears moves moving move up down does change changes changed object objects order after before
+frame frames end start stays still appeared disappeared disappears
+"""
+
+
+def vocabulary() -> list[str]:
+    words = set(re.findall(r"\w+|[^\w\s]", _TEXT.lower()))
+    words |= set(SHAPES) | {s + "s" for s in SHAPES} | set(COLORS) | set(NUMBERS) | set(SIZES)
+    words |= set("0123456789") | set("abcdefgh") | set(".,?:;!()'\"-")
+    return SPECIALS + sorted(words)
+
+
+def build_tokenizer():
+    """A lower-casing word-level ``PreTrainedTokenizerFast`` with ``<image>`` as a special token."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(vocabulary())}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+        padding_side="left",
+    )
+    fast.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
+    return fast
+
+
+def build_llava_processor(image_size: int, patch_size: int):
+    """A ``LlavaProcessor`` (CLIP image processing, ``(image_size/patch_size)^2`` image tokens) for the toy models."""
+    from transformers import CLIPImageProcessor, LlavaProcessor
+
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
+        do_center_crop=True, do_resize=True,
+    )
+    return LlavaProcessor(
+        image_processor=image_processor, tokenizer=build_tokenizer(), patch_size=patch_size,
+        vision_feature_select_strategy="default", num_additional_image_tokens=1, chat_template=CHAT_TEMPLATE,
+        image_token=IMAGE_TOKEN,
+    )
