@@ -1,13 +1,15 @@
 """Method names -> method classes."""
 from __future__ import annotations
 
-from .methods import ClsPruning, Method, PoolCompression, RandomPruning, UniformPruning
+from .methods import AIM, ClsPruning, FastV, Method, PoolCompression, RandomPruning, UniformPruning
 
 METHODS: dict[str, type[Method]] = {
     "cls": ClsPruning,
     "random": RandomPruning,
     "uniform": UniformPruning,
     "pool": PoolCompression,
+    "fastv": FastV,
+    "aim": AIM,
 }
 
 

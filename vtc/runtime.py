@@ -7,12 +7,11 @@ from __future__ import annotations
 import time
 from collections import deque
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator
 
 import torch
 
-from .core.select import budget as resolve_budget
 from .methods.base import Method
 from .sites import ScoreRequest, Selection, VisualInput
 
@@ -25,6 +24,8 @@ class CallStats:
     tokens_before: list[int]
     tokens_after: list[int]
     seconds: float
+    #: visual tokens entering each decoder layer, per batch row (only with in-LLM pruning)
+    layer_tokens: dict[int, list[int]] = field(default_factory=dict)
 
     @property
     def kept_fraction(self) -> float:
@@ -49,7 +50,13 @@ class Runtime:
         return self.method.score_requests()
 
     def budget(self, n: int) -> int:
-        return resolve_budget(n, self.ratio, self.tokens)
+        return self.method.vision_budget(n)
+
+    def llm_plan(self, num_layers: int):
+        return self.method.llm_plan(num_layers)
+
+    def llm_keep(self, inp):
+        return self.method.llm_keep(inp)
 
     def compress_image(
         self,
@@ -77,9 +84,11 @@ class Runtime:
         finally:
             self._pending_seconds += time.perf_counter() - t0
 
-    def record(self, before: list[int], after: list[int]) -> None:
-        self.stats.append(CallStats(before, after, self._pending_seconds))
+    def record(self, before: list[int], after: list[int]) -> CallStats:
+        st = CallStats(before, after, self._pending_seconds)
+        self.stats.append(st)
         self._pending_seconds = 0.0
+        return st
 
     def discard_pending_time(self) -> None:
         self._pending_seconds = 0.0

@@ -6,15 +6,17 @@ from typing import Literal
 
 import torch
 
-ScoreKind = Literal["cls_prob", "cls_logit"]
+ScoreKind = Literal["cls_prob", "cls_logit", "keys"]
+QueryKind = Literal["last", "all"]
 
 
 @dataclass(frozen=True)
 class ScoreRequest:
     """Scores a method needs from the vision tower.
 
-    kind: ``cls_prob`` = head-mean post-softmax attention of the CLS query over the feature tokens;
-    ``cls_logit`` = head-mean pre-softmax logits of the same row. layers: 0-based encoder layer indices.
+    kind: ``cls_prob`` = head-mean post-softmax attention of the CLS query over the feature tokens (N,);
+    ``cls_logit`` = head-mean pre-softmax logits of the same row (N,); ``keys`` = the layer's key vectors,
+    all heads concatenated (N, D). layers: 0-based encoder layer indices; -1 means the last layer.
     """
 
     kind: ScoreKind
@@ -29,6 +31,8 @@ class VisionInfo:
     feature_layer: int  # 0-based index of the encoder layer whose output feeds the projector
     has_cls: bool  # the tower has a CLS token whose attention row can be scored
     grid: tuple[int, int] | None  # (rows, cols) of the patch grid of one image, if it is a grid
+    llm_layers: int = 0  # decoder layers of the language model
+    llm_type: str = ""  # the LM config's model_type ("llama", "qwen2", ...)
 
 
 @dataclass
@@ -53,3 +57,25 @@ class Selection:
     features: torch.Tensor | None = None
 
 
+
+
+@dataclass
+class LLMLayerInput:
+    """What a method sees at the ``llm_layer`` site, after decoder layer ``layer`` during prefill.
+
+    q: (B, H, Q, d) post-RoPE queries of the requested rows (Q = 1 for "last", L for "all");
+    k: (B, Hk, L, d) post-RoPE keys of the current (possibly already pruned) sequence;
+    allowed: (B, Q, L) bool, True where a query may attend (causal and not padding);
+    visual: (B, L) bool, visual tokens still present; valid: (B, L) bool, non-padding slots;
+    visual_input: (B,) visual tokens each row had at the LLM input (the base of schedules).
+    """
+
+    layer: int
+    num_layers: int
+    q: torch.Tensor
+    k: torch.Tensor
+    scale: float
+    allowed: torch.Tensor
+    visual: torch.Tensor
+    valid: torch.Tensor
+    visual_input: torch.Tensor

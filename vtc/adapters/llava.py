@@ -26,6 +26,7 @@ from ..runtime import Runtime
 from ..sites import VisionInfo
 from .base import Adapter, register_adapter
 from .llm_input import LLMInputPruner
+from .llm_layers import LLMLayerPruner
 
 
 @dataclass
@@ -54,7 +55,7 @@ def vision_layers(tower: nn.Module) -> nn.ModuleList:
 class LlavaAdapter(Adapter):
     model_classes = ("LlavaForConditionalGeneration", "LlavaModel")
     family = "llava"
-    supported_sites = ("vision", "llm_input")
+    supported_sites = ("vision", "llm_input", "llm_layer")
 
     def __init__(self, model: nn.Module):
         super().__init__(model)
@@ -78,6 +79,8 @@ class LlavaAdapter(Adapter):
             feature_layer=hidden_index - 1,
             has_cls=self.has_cls,
             grid=self.grid,
+            llm_layers=len(self.base.language_model.layers),
+            llm_type=getattr(self.base.config.text_config, "model_type", ""),
         )
 
     def vision_info(self) -> VisionInfo:
@@ -93,6 +96,7 @@ class LlavaAdapter(Adapter):
         by_layer: dict[int, set[str]] = {}
         for req in runtime.score_requests():
             for l in req.layers:
+                l = l % len(self.layers) if l < 0 else l
                 if not 0 <= l < len(self.layers):
                     raise ValueError(f"score layer {l} outside the vision tower's layers 0..{len(self.layers) - 1}")
                 by_layer.setdefault(l, set()).add(req.kind)
@@ -110,6 +114,9 @@ class LlavaAdapter(Adapter):
 
         self.pruner = LLMInputPruner(self.base.language_model, self._keep_for_lm, runtime)
         self.pruner.install(self._hook)
+        if "llm_layer" in runtime.method.sites:
+            self.layer_pruner = LLMLayerPruner(self.base.language_model, runtime, self.pruner)
+            self.layer_pruner.install(self._hook)
 
     # ------------------------------------------------------------------ vision site
     def _install_score_hooks(self, layer: int, kinds: list[str]) -> None:
@@ -128,11 +135,16 @@ class LlavaAdapter(Adapter):
                 return None
             with self.rt.timed():
                 q, k = captured.pop("q"), captured.pop("k")
+                captured_k = k.view(k.shape[0], k.shape[1], module.num_heads, module.head_dim).transpose(1, 2)
                 b, s, _ = k.shape
                 nh, hd = module.num_heads, module.head_dim
                 q = q.view(b, 1, nh, hd).transpose(1, 2)
                 k = k.view(b, s, nh, hd).transpose(1, 2)
                 for kind in kinds:
+                    if kind == "keys":
+                        keys = captured_k.transpose(1, 2).reshape(b, s, -1)
+                        self.scratch.scores[(kind, layer)] = keys[:, 1:] if self.drop_cls_column else keys
+                        continue
                     row = head_mean(attention_rows(q, k, module.scale, softmax=(kind == "cls_prob")))[:, 0]
                     if self.drop_cls_column:
                         row = row[:, 1:]

@@ -40,6 +40,9 @@ class LLMInputPruner:
         self.runtime = runtime
         self._decode: "weakref.WeakKeyDictionary[Any, _DecodeState]" = weakref.WeakKeyDictionary()
         self._restore: tuple[torch.Tensor, torch.Tensor, int] | None = None
+        #: visual mask (B, L) of the LM input at the current prefill (after any gather), else None
+        self.prefill_visual: torch.Tensor | None = None
+        self.last_stats = None
 
     def install(self, add_handle: Callable[[Any], None]) -> None:
         add_handle(self.lm.register_forward_pre_hook(self._pre, with_kwargs=True))
@@ -54,6 +57,8 @@ class LLMInputPruner:
             return None
         cache = kwargs.get("past_key_values")
         past = cache.get_seq_length() if cache is not None else 0
+        self.prefill_visual = None
+        self.last_stats = None
         if past == 0:
             return args, self._prefill(kwargs, cache)
         state = self._decode.get(cache)
@@ -95,9 +100,12 @@ class LLMInputPruner:
             after = (keep & visual).sum(-1).tolist()
             if bool(keep.all()):
                 out = kwargs  # nothing dropped: leave every input untouched (exact identity)
+                self.prefill_visual = visual
             else:
                 out = self._gather(kwargs, keep, cache)
-        self.runtime.record(before, after)
+                index, valid, _ = self._restore
+                self.prefill_visual = visual.gather(1, index) & valid
+        self.last_stats = self.runtime.record(before, after)
         return out
 
     def _gather(self, kwargs: dict[str, Any], keep: torch.Tensor, cache: Any) -> dict[str, Any]:

@@ -45,3 +45,20 @@ def combine_layers(per_layer: list[torch.Tensor], how: str = "sum") -> torch.Ten
     if how == "min":
         return stacked.amin(0)
     raise ValueError(f"unknown layer ensemble {how!r}; allowed: sum, mean, max, min")
+
+
+def pagerank_importance(logits: torch.Tensor, allowed: torch.Tensor, tau: float = 0.1, iters: int = 5) -> torch.Tensor:
+    """AIM's token importance: PageRank (no damping) over the layer's sharpened attention graph.
+
+    logits: (B, H, L, L) scaled q·k; allowed: (B, L, L) bool (causal, non-padding keys).
+    M = softmax(logits / tau) over allowed keys; p0 = 1/N over valid tokens; p <- p @ M, ``iters`` times;
+    returns sqrt(mean over heads of p^2), shape (B, L).
+    """
+    x = (logits.float() / tau).masked_fill(~allowed[:, None], float("-inf"))
+    m = torch.softmax(x, dim=-1).nan_to_num(0.0)  # fully masked (padding) rows -> zero rows
+    valid = allowed.any(-1)  # (B, L): rows that attend somewhere = real tokens
+    p = valid.float() / valid.float().sum(-1, keepdim=True)
+    p = p[:, None, None, :].expand(-1, m.shape[1], 1, -1)
+    for _ in range(iters):
+        p = p @ m
+    return p.squeeze(2).pow(2).mean(1).sqrt()

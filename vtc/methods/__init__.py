@@ -2,8 +2,11 @@
 from .base import Method, ScoreRequest, Selection, VisionInfo, VisualInput
 from .baselines import PoolCompression, RandomPruning, UniformPruning
 from .cls import ClsPruning
+from .aim import AIM
+from .compose import Compose
+from .fastv import FastV
 
 __all__ = [
     "Method", "ScoreRequest", "Selection", "VisionInfo", "VisualInput",
-    "ClsPruning", "RandomPruning", "UniformPruning", "PoolCompression",
+    "ClsPruning", "RandomPruning", "UniformPruning", "PoolCompression", "AIM", "FastV", "Compose",
 ]

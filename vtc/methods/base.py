@@ -8,9 +8,12 @@ from __future__ import annotations
 import dataclasses
 from typing import ClassVar
 
-from ..sites import ScoreKind, ScoreRequest, Selection, VisionInfo, VisualInput
+import torch
 
-__all__ = ["Method", "ScoreKind", "ScoreRequest", "Selection", "VisionInfo", "VisualInput"]
+from ..core.select import budget as resolve_budget
+from ..sites import LLMLayerInput, QueryKind, ScoreKind, ScoreRequest, Selection, VisionInfo, VisualInput
+
+__all__ = ["Method", "ScoreKind", "ScoreRequest", "Selection", "VisionInfo", "VisualInput", "LLMLayerInput", "QueryKind"]
 
 class Method:
     """Base class. Subclasses are dataclasses of hyperparameters and override the site methods they use."""
@@ -32,7 +35,21 @@ class Method:
     def score_requests(self) -> list[ScoreRequest]:
         return []
 
+    def vision_budget(self, n: int) -> int:
+        """Tokens kept out of n at the ``vision`` site (n means: leave the image untouched)."""
+        if "vision" not in self.sites:
+            return n
+        return resolve_budget(n, self.ratio, self.tokens)
+
     def select(self, visual: VisualInput) -> Selection:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def llm_plan(self, num_layers: int) -> dict[int, QueryKind]:
+        """Decoder layers after which this method prunes (``llm_layer`` site), and the queries it needs."""
+        return {}
+
+    def llm_keep(self, inp: LLMLayerInput) -> torch.Tensor:  # pragma: no cover - abstract
+        """(B, L) bool keep mask after layer ``inp.layer``; must keep every valid non-visual token."""
         raise NotImplementedError
 
     def describe(self) -> str:

@@ -1,0 +1,301 @@
+"""The ``llm_layer(k)`` and ``attention`` sites for Hugging Face decoder LMs (Llama, Mistral, Qwen2, ...).
+
+At a planned layer the layer's own q/k projections are captured (no eager attention, no extra projections),
+RoPE is applied with the layer's ``position_embeddings``, and the method gets the attention inputs it asked
+for. After the layer, tokens the method drops leave the hidden states for good: later layers get gathered
+rotary embeddings, position ids and a rebuilt mask, and their KV caches hold only kept tokens (per-layer
+ragged lengths; layer 0 stays full, so transformers' mask sizes stay right). At decode, each pruned
+layer's mask columns are re-mapped to its shorter cache. The last layer's output is scattered back to the
+LM-input layout.
+
+A prefill that extends the previous one (``generate(use_cache=False)`` re-runs the whole sequence each
+step) reuses the decisions taken on the prompt, so cached and uncached generation agree: the kept set is
+decided once, on the prompt, in both modes.
+"""
+from __future__ import annotations
+
+import sys
+import weakref
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+
+from ..core.batch import gather_rows, left_repad_index, scatter_rows
+from ..runtime import Runtime
+from ..sites import LLMLayerInput
+from .llm_input import LLMInputPruner
+
+
+@dataclass
+class _Prefill:
+    index: torch.Tensor  # (B, Lc) positions in the LM-input layout
+    valid: torch.Tensor  # (B, Lc)
+    visual: torch.Tensor  # (B, Lc)
+    visual_input: torch.Tensor  # (B,)
+    allowed_in: torch.Tensor | None = None  # (B, Lk, Lk) bool, LM-input layout
+    cos_sin: tuple[torch.Tensor, torch.Tensor] | None = None  # full LM-input rotary tables
+    position_ids: torch.Tensor | None = None
+    mask_kind: str = "bool"  # format later layers expect: "bool" (sdpa) or "float" (eager)
+    pruned: bool = False
+    layouts: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # layer -> (index, valid)
+    decisions: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> keep (B, Lk) in LM-input layout
+    frozen: dict[int, torch.Tensor] | None = None
+    captured: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class _Memory:
+    """Decisions of the last prefill, to reuse when the next prefill extends it (uncached generation)."""
+
+    prefix: torch.Tensor
+    decisions: dict[int, torch.Tensor]
+
+
+class LLMLayerPruner:
+    def __init__(self, lm: nn.Module, runtime: Runtime, inputs: LLMInputPruner):
+        self.lm = lm
+        self.layers = lm.layers
+        self.rt = runtime
+        self.inputs = inputs
+        self.plan = {i: q for i, q in runtime.llm_plan(len(self.layers)).items() if 0 <= i < len(self.layers) - 1}
+        impl = getattr(lm.config, "_attn_implementation", "sdpa")
+        if impl not in ("sdpa", "eager"):
+            raise ValueError(f"in-LLM pruning supports sdpa and eager attention; this LM uses {impl!r}")
+        self.impl = impl
+        self.ctx: _Prefill | None = None
+        self.memory: _Memory | None = None
+        self._decode: "weakref.WeakKeyDictionary[Any, dict[int, tuple[torch.Tensor, torch.Tensor, int]]]" = (
+            weakref.WeakKeyDictionary())
+        attn = self.layers[0].self_attn
+        self.rope = getattr(sys.modules[type(attn).__module__], "apply_rotary_pos_emb", None)
+        if self.plan and self.rope is None:
+            raise ValueError(f"vtc cannot find apply_rotary_pos_emb for {type(attn).__name__}")
+
+    def install(self, add: Callable[[Any], None]) -> None:
+        if not self.plan:
+            return
+        add(self.lm.register_forward_pre_hook(self._lm_pre, with_kwargs=True))
+        add(self.lm.register_forward_hook(self._lm_post))
+        first = min(self.plan)
+        for j, layer in enumerate(self.layers):
+            if j == 0 or j > first:
+                add(layer.register_forward_pre_hook(self._layer_pre(j), with_kwargs=True))
+        for i in self.plan:
+            attn = self.layers[i].self_attn
+            add(attn.q_proj.register_forward_hook(self._grab("q")))
+            add(attn.k_proj.register_forward_hook(self._grab("k")))
+            add(attn.register_forward_pre_hook(self._grab_rope, with_kwargs=True))
+            add(self.layers[i].register_forward_hook(self._layer_post(i)))
+        add(self.layers[-1].register_forward_hook(self._restore))
+
+    # ------------------------------------------------------------------ prefill context
+    def _lm_pre(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]):
+        cache = kwargs.get("past_key_values")
+        past = cache.get_seq_length() if cache is not None else 0
+        self.ctx = None
+        if past > 0 or self.inputs.prefill_visual is None:
+            return None
+        embeds = kwargs["inputs_embeds"]
+        b, lk = embeds.shape[:2]
+        mask = kwargs.get("attention_mask")
+        valid = mask.bool() if mask is not None else torch.ones(b, lk, dtype=torch.bool, device=embeds.device)
+        visual = self.inputs.prefill_visual.to(embeds.device)
+        idx = torch.arange(lk, device=embeds.device).expand(b, lk)
+        self.ctx = _Prefill(idx, valid, visual & valid, (visual & valid).sum(-1))
+        mem = self.memory
+        if mem is not None and mem.prefix.shape[0] == b and mem.prefix.shape[1] < lk and torch.equal(
+                mem.prefix, embeds[:, : mem.prefix.shape[1]]):
+            extra = lk - mem.prefix.shape[1]
+            ones = torch.ones(b, extra, dtype=torch.bool, device=embeds.device)
+            self.ctx.frozen = {i: torch.cat([d, ones], 1) for i, d in mem.decisions.items()}
+        else:
+            self.memory = _Memory(embeds.detach().clone(), self.ctx.decisions)
+        self.ctx.captured["cache"] = cache
+        return None
+
+    def _lm_post(self, module: nn.Module, args: tuple, output: Any):
+        ctx, self.ctx = self.ctx, None
+        if ctx is not None and ctx.pruned and ctx.captured.get("cache") is not None:
+            lk = ctx.allowed_in.shape[1]
+            self._decode[ctx.captured["cache"]] = {j: (ix, va, lk) for j, (ix, va) in ctx.layouts.items()}
+        return None
+
+    # ------------------------------------------------------------------ layer hooks
+    def _layer_pre(self, j: int):
+        def hook(module: nn.Module, args: tuple, kwargs: dict[str, Any]):
+            ctx = self.ctx
+            if ctx is not None:
+                if j == 0:
+                    with self.rt.timed():
+                        self._capture_inputs(ctx, kwargs)
+                    return None
+                if not ctx.pruned:
+                    return None
+                with self.rt.timed():
+                    return args, self._rewrite_prefill(ctx, kwargs)
+            cache = kwargs.get("past_key_values")
+            state = self._decode.get(cache) if cache is not None else None
+            if state is None or j not in state:
+                return None
+            with self.rt.timed():
+                return args, self._rewrite_decode(state[j], kwargs)
+        return hook
+
+    def _capture_inputs(self, ctx: _Prefill, kwargs: dict[str, Any]) -> None:
+        mask = kwargs.get("attention_mask")
+        b, lk = ctx.valid.shape
+        dev = ctx.valid.device
+        if mask is None:
+            causal = torch.ones(lk, lk, dtype=torch.bool, device=dev).tril()
+            allowed = causal[None] & ctx.valid[:, None, :]
+            ctx.mask_kind = "float" if self.impl == "eager" else "bool"
+        elif mask.dtype == torch.bool:
+            allowed = mask[:, 0].expand(b, lk, lk)
+            ctx.mask_kind = "bool"
+        else:
+            allowed = (mask[:, 0] > torch.finfo(mask.dtype).min / 2).expand(b, lk, lk)
+            ctx.mask_kind = "float"
+        ctx.allowed_in = allowed
+        ctx.cos_sin = kwargs.get("position_embeddings")
+        ctx.position_ids = kwargs.get("position_ids")
+
+    def _format_mask(self, allowed: torch.Tensor, dtype: torch.dtype, kind: str) -> torch.Tensor:
+        m = allowed[:, None]
+        if kind == "bool":
+            return m
+        out = torch.zeros(m.shape, dtype=dtype, device=m.device)
+        return out.masked_fill(~m, torch.finfo(dtype).min)
+
+    def _current_allowed(self, ctx: _Prefill) -> torch.Tensor:
+        ix = ctx.index
+        rows = ctx.allowed_in.gather(1, ix[:, :, None].expand(-1, -1, ctx.allowed_in.shape[2]))
+        allowed = rows.gather(2, ix[:, None, :].expand(-1, ix.shape[1], -1)) & ctx.valid[:, None, :]
+        eye = torch.eye(ix.shape[1], dtype=torch.bool, device=ix.device)[None]
+        return allowed | (eye & ~ctx.valid[:, :, None])  # padding rows attend to themselves (no NaN)
+
+    def _rewrite_prefill(self, ctx: _Prefill, kwargs: dict[str, Any]) -> dict[str, Any]:
+        out = dict(kwargs)
+        cos, sin = ctx.cos_sin
+        b = ctx.index.shape[0]
+        out["position_embeddings"] = (gather_rows(cos.expand(b, *cos.shape[1:]), ctx.index),
+                                      gather_rows(sin.expand(b, *sin.shape[1:]), ctx.index))
+        if ctx.position_ids is not None:
+            from .llm_input import gather_positions
+            out["position_ids"] = gather_positions(ctx.position_ids, ctx.index)
+        dtype = ctx.cos_sin[0].dtype if self.impl == "eager" else torch.bool
+        hs = kwargs.get("hidden_states")
+        out["attention_mask"] = self._format_mask(self._current_allowed(ctx), torch.float32 if dtype == torch.bool else dtype, ctx.mask_kind)
+        if ctx.mask_kind == "float" and hs is not None:
+            out["attention_mask"] = out["attention_mask"].to(hs.dtype)
+        return out
+
+    def _rewrite_decode(self, state: tuple[torch.Tensor, torch.Tensor, int], kwargs: dict[str, Any]) -> dict[str, Any]:
+        index, valid, lk = state
+        mask = kwargs.get("attention_mask")
+        out = dict(kwargs)
+        b, lc = index.shape
+        if mask is None:
+            if bool(valid.all()):
+                return kwargs
+            cache = kwargs["past_key_values"]
+            q = (kwargs.get("hidden_states") if "hidden_states" in kwargs else None)
+            q_len = q.shape[1] if q is not None else 1
+            total_new = cache.get_seq_length() + q_len - lk
+            new = torch.ones(total_new, dtype=torch.bool, device=valid.device).expand(b, total_new)
+            cols = torch.cat([valid, new], 1)[:, None, None, :].expand(b, 1, q_len, lc + total_new).clone()
+            if q_len > 1:
+                cols[..., lc:] &= torch.ones(q_len, total_new, dtype=torch.bool, device=valid.device).tril(total_new - q_len)
+            out["attention_mask"] = cols if self.impl != "eager" else self._format_mask(cols[:, 0], torch.float32, "float")
+            return out
+        kv_full = mask.shape[-1]
+        cols = torch.cat([index, torch.arange(lk, kv_full, device=index.device).expand(b, -1)], 1)
+        m = mask.expand(b, *mask.shape[1:]).gather(3, cols[:, None, None, :].expand(b, mask.shape[1], mask.shape[2], -1))
+        keep_cols = torch.cat([valid, torch.ones(b, kv_full - lk, dtype=torch.bool, device=valid.device)], 1)[:, None, None, :]
+        if m.dtype == torch.bool:
+            m = m & keep_cols
+        else:
+            m = m.masked_fill(~keep_cols, torch.finfo(m.dtype).min)
+        out["attention_mask"] = m
+        return out
+
+    # ------------------------------------------------------------------ capture + prune
+    def _grab(self, name: str):
+        def hook(module: nn.Module, args: tuple, output: torch.Tensor):
+            if self.ctx is not None:
+                self.ctx.captured[name] = output
+        return hook
+
+    def _grab_rope(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]):
+        if self.ctx is not None:
+            self.ctx.captured["rope"] = kwargs.get("position_embeddings")
+        return None
+
+    def _layer_post(self, i: int):
+        def hook(module: nn.Module, args: tuple, output: torch.Tensor):
+            ctx = self.ctx
+            if ctx is None:
+                return None
+            with self.rt.timed():
+                return self._prune_after(i, module, ctx, output)
+        return hook
+
+    def _prune_after(self, i: int, layer: nn.Module, ctx: _Prefill, hidden: torch.Tensor) -> torch.Tensor:
+        if ctx.frozen is not None and i in ctx.frozen:
+            keep = ctx.frozen[i].gather(1, ctx.index) & ctx.valid
+        else:
+            keep = self.rt.llm_keep(self._layer_input(i, layer.self_attn, ctx))
+            if bool((ctx.valid & ~ctx.visual & ~keep).any()):
+                raise RuntimeError(f"method {self.rt.method.name!r} dropped text tokens at layer {i}")
+            keep = keep & ctx.valid
+        in_layout = torch.zeros(ctx.valid.shape[0], ctx.allowed_in.shape[1], dtype=torch.bool, device=keep.device)
+        in_layout.scatter_(1, ctx.index, keep & ctx.valid)
+        ctx.decisions[i] = in_layout
+        for k in ("q", "k", "rope"):
+            ctx.captured.pop(k, None)
+        idx, valid = left_repad_index(keep)
+        ctx.index = ctx.index.gather(1, idx)
+        ctx.valid = valid
+        ctx.visual = ctx.visual.gather(1, idx) & valid
+        ctx.pruned = True
+        for j in range(i + 1, len(self.layers)):
+            ctx.layouts[j] = (ctx.index, ctx.valid)
+        st = self.inputs.last_stats
+        if st is not None:
+            counts = ctx.visual.sum(-1).tolist()
+            for j in range(i + 1, len(self.layers)):
+                st.layer_tokens[j] = counts
+        return gather_rows(hidden, idx)
+
+    def _layer_input(self, i: int, attn: nn.Module, ctx: _Prefill) -> LLMLayerInput:
+        cap = ctx.captured
+        b, l = ctx.valid.shape
+        hd = attn.head_dim
+        q = cap["q"].view(b, l, -1, hd)
+        k = cap["k"].view(b, l, -1, hd)
+        if hasattr(attn, "q_norm"):
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
+        cos, sin = cap["rope"]
+        query_kind = self.plan[i]
+        allowed = self._current_allowed(ctx)
+        if query_kind == "last":
+            last = (ctx.valid.long() * torch.arange(l, device=q.device)).argmax(-1)  # last real token per row
+            q = q.gather(2, last[:, None, None, None].expand(b, q.shape[1], 1, hd))
+            cq = cos.expand(b, *cos.shape[1:]).gather(1, last[:, None, None].expand(b, 1, cos.shape[-1]))
+            sq = sin.expand(b, *sin.shape[1:]).gather(1, last[:, None, None].expand(b, 1, sin.shape[-1]))
+            q, _ = self.rope(q, q, cq, sq)
+            _, k = self.rope(k, k, cos, sin)
+            allowed = allowed.gather(1, last[:, None, None].expand(b, 1, l))
+        else:
+            q, k = self.rope(q, k, cos, sin)
+        return LLMLayerInput(layer=i, num_layers=len(self.layers), q=q, k=k, scale=attn.scaling, allowed=allowed,
+                             visual=ctx.visual, valid=ctx.valid, visual_input=ctx.visual_input)
+
+    def _restore(self, module: nn.Module, args: tuple, output: torch.Tensor):
+        ctx = self.ctx
+        if ctx is None or not ctx.pruned:
+            return None
+        with self.rt.timed():
+            return scatter_rows(output, ctx.index, ctx.valid, ctx.allowed_in.shape[1])
