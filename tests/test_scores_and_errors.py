@@ -65,7 +65,7 @@ def test_error_budget_both_or_neither(make_llava):
 
 
 def test_error_unknown_method_lists_available(make_llava):
-    with pytest.raises(ValueError, match="unknown method 'visionzip'; available methods: cls, pool, random, uniform"):
+    with pytest.raises(ValueError, match="unknown method 'visionzip'; available methods: aim, cls, fastv, pool, random, uniform"):
         vtc.patch(make_llava(), "visionzip", ratio=0.5)
 
 
