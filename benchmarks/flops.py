@@ -7,11 +7,17 @@ def vit_flops(tokens: int, layers: int, d: int, d_ff: int) -> float:
     return layers * per_layer
 
 
-def llama_flops(tokens: int, layers: int, d: int, d_ff: int, heads: int, kv_heads: int) -> float:
+def llama_layer_flops(tokens: int, d: int, d_ff: int, heads: int, kv_heads: int) -> float:
     dkv = d // heads * kv_heads
     proj = 2 * tokens * (d * d + 2 * d * dkv + d * d + 3 * d * d_ff)
     attn = 2 * 2 * tokens * tokens * d / 2  # causal: half the score/value matmuls
-    return layers * (proj + attn)
+    return proj + attn
+
+
+def llama_flops(tokens: int | list[int], layers: int, d: int, d_ff: int, heads: int, kv_heads: int) -> float:
+    """Prefill FLOPs; ``tokens`` is one count for every layer or the count entering each layer."""
+    per_layer = tokens if isinstance(tokens, list) else [tokens] * layers
+    return sum(llama_layer_flops(t, d, d_ff, heads, kv_heads) for t in per_layer)
 
 
 def projector_flops(tokens: int, d_in: int, d_out: int) -> float:

@@ -39,11 +39,13 @@ def build(args):
     return model.to(dtype).eval(), dtype
 
 
-def prefill_flops(cfg, visual: int, text: int) -> float:
+def prefill_flops(cfg, visual: int, text: int, layer_visual: dict[int, int] | None = None) -> float:
+    """Vision tower + projector + LLM; ``layer_visual`` gives visual tokens entering later layers (in-LLM pruning)."""
     v, t = cfg.vision_config, cfg.text_config
+    per_layer = [text + (layer_visual or {}).get(j, visual) for j in range(t.num_hidden_layers)]
     return (vit_flops(577, v.num_hidden_layers, v.hidden_size, v.intermediate_size)
             + projector_flops(visual, v.hidden_size, t.hidden_size)
-            + llama_flops(visual + text, t.num_hidden_layers, t.hidden_size, t.intermediate_size,
+            + llama_flops(per_layer, t.num_hidden_layers, t.hidden_size, t.intermediate_size,
                           t.num_attention_heads, t.num_key_value_heads))
 
 
@@ -52,7 +54,8 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--llm-layers", type=int, default=8)
     ap.add_argument("--llm-width", type=int, default=2048)
-    ap.add_argument("--methods", default="cls,uniform")
+    ap.add_argument("--methods", default="cls,uniform,fastv,aim",
+                    help="aim: merge to the ratio + prune with layers scaled from (13, 21)/32; fastv: k=2 (paper)")
     ap.add_argument("--ratios", default="0.5,0.25,0.11")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=0, help="torch threads on CPU (0: default)")
@@ -77,6 +80,7 @@ def main() -> None:
     times: dict[tuple[str, float], list[float]] = {c: [] for c in configs}
     overhead: dict[tuple[str, float], list[float]] = {c: [] for c in configs}
     kept: dict[tuple[str, float], int] = {}
+    layer_kept: dict[tuple[str, float], dict[int, int]] = {}
     for rep in range(args.repeats + 1):  # round-robin so drift hits every config alike; round 0 is warm-up
         for c in configs:
             method, ratio = c
@@ -85,6 +89,7 @@ def main() -> None:
             if p is not None:
                 st = p.stats[-1]
                 kept[c] = st.tokens_after[0]
+                layer_kept[c] = {j: v[0] for j, v in st.layer_tokens.items()}
                 vtc.unpatch(model)
                 if rep:
                     overhead[c].append(st.seconds)
@@ -97,10 +102,10 @@ def main() -> None:
     dev = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU x{torch.get_num_threads()} threads"
     print(f"LLaVA-1.5-shaped prefill: ViT-L/14-336 + Llama {args.llm_layers}L x {args.llm_width}, {dtype}, {dev}; "
           f"median of {args.repeats}")
-    print(f"{'method':8} {'ratio':>5} {'visual':>6} {'prefill ms':>10} {'speedup':>8} {'ideal':>6} {'of ideal':>8} {'overhead':>8}")
+    print(f"{'method':8} {'ratio':>5} {'LLM-in':>6} {'prefill ms':>10} {'speedup':>8} {'ideal':>6} {'of ideal':>8} {'overhead':>8}")
     for c in configs:
         t = statistics.median(times[c])
-        ideal = base_f / prefill_flops(model.config, kept[c], n_text)
+        ideal = base_f / prefill_flops(model.config, kept[c], n_text, layer_kept.get(c))
         sp = base_t / t
         ov = 100 * statistics.median(overhead[c]) / base_t if overhead[c] else 0.0
         print(f"{c[0]:8} {c[1]:5.2f} {kept[c]:6d} {t * 1e3:10.1f} {sp:7.2f}x {ideal:5.2f}x {100 * sp / ideal:7.0f}% {ov:7.2f}%")

@@ -6,7 +6,7 @@ from typing import Literal
 
 import torch
 
-ScoreKind = Literal["cls_prob", "cls_logit", "keys"]
+ScoreKind = Literal["cls_prob", "cls_logit", "keys", "received"]
 QueryKind = Literal["last", "all"]
 
 
@@ -16,7 +16,8 @@ class ScoreRequest:
 
     kind: ``cls_prob`` = head-mean post-softmax attention of the CLS query over the feature tokens (N,);
     ``cls_logit`` = head-mean pre-softmax logits of the same row (N,); ``keys`` = the layer's key vectors,
-    all heads concatenated (N, D). layers: 0-based encoder layer indices; -1 means the last layer.
+    all heads concatenated (N, D); ``received`` = head-mean attention each token receives from all tokens
+    of its image (N,), averaged over each spatial-merge unit where the tower merges patches. layers: 0-based encoder layer indices; -1 means the last layer.
     """
 
     kind: ScoreKind
@@ -32,6 +33,7 @@ class VisionInfo:
     has_cls: bool  # the tower has a CLS token whose attention row can be scored
     grid: tuple[int, int] | None  # (rows, cols) of the patch grid of one image, if it is a grid
     llm_layers: int = 0  # decoder layers of the language model
+    score_layer: int | None = None  # last layer with global attention (None: feature_layer)
     llm_type: str = ""  # the LM config's model_type ("llama", "qwen2", ...)
 
 

@@ -62,3 +62,17 @@ def pagerank_importance(logits: torch.Tensor, allowed: torch.Tensor, tau: float 
     for _ in range(iters):
         p = p @ m
     return p.squeeze(2).pow(2).mean(1).sqrt()
+
+
+def attention_received(q: torch.Tensor, k: torch.Tensor, scale: float, chunk: int = 1024) -> torch.Tensor:
+    """Mean attention each key receives from all queries, averaged over heads, without holding the full map.
+
+    q, k: (H, n, d) one sequence (e.g. one image's patches). Returns (n,) float32.
+    """
+    h, n, _ = q.shape
+    total = torch.zeros(n, dtype=torch.float32, device=q.device)
+    kf = k.float().transpose(-1, -2)
+    for s in range(0, n, chunk):
+        p = torch.softmax(torch.matmul(q[:, s:s + chunk].float(), kf) * scale, dim=-1)
+        total += p.sum(dim=(0, 1))
+    return total / (h * n)

@@ -64,7 +64,9 @@ class AIM(Method):
         return [ScoreRequest("keys", (self._key_layer,))]
 
     def select(self, visual: VisualInput) -> Selection:
-        keys = visual.scores[("keys", self._key_layer)]
+        # towers that expose no keys (Qwen-VL, whose projector merges patches) merge on the features, as the
+        # authors' Qwen2-VL code does
+        keys = visual.scores.get(("keys", self._key_layer), visual.features)
         feats, _, slots = merge_to(keys, visual.features, visual.budget, self.merge_mode)
         return Selection(slots, feats)
 

@@ -6,6 +6,9 @@ and restore raster order. Defaults: ``start_layer=16`` on a 24-layer CLIP ViT-L 
 layer 22 (``--layer 16`` in the authors' scripts), i.e. the 7 layers ending at the feature layer; on other
 depths we keep the same 7-layer window, clipped at layer 0.
 
+Towers without a CLS token (Qwen2-VL, SigLIP): ``score="auto"`` falls back to the mean attention each
+token receives from all tokens of its image at the last global-attention layer (per merged token on Qwen).
+
 Deviations from the reference: it runs at batch size > 1 (per-image keep sets) and keeps the original
 RoPE positions of the kept tokens (the reference renumbers them contiguously); ``position_mode`` is an
 adapter concern and is documented in the README.
@@ -29,20 +32,32 @@ class ClsPruning(Method):
     tokens: int | None = None
     start_layer: int | None = None  # None: the 7 layers ending at the feature layer (16 for ViT-L/14)
     ensemble: str = "sum"  # sum (reference), mean, max, min
+    score: str = "auto"  # "cls", "received", or auto: cls when the tower has a CLS token, else received
 
     name = "cls"
     sites = ("vision",)
-    requires_cls = True
 
     def __post_init__(self) -> None:
         if self.ensemble not in ("sum", "mean", "max", "min"):
             raise ValueError(f"ensemble must be one of sum, mean, max, min; got {self.ensemble!r}")
         if self.start_layer is not None and self.start_layer < 0:
             raise ValueError(f"start_layer must be >= 0; got {self.start_layer}")
+        if self.score not in ("auto", "cls", "received"):
+            raise ValueError(f"score must be 'auto', 'cls' or 'received'; got {self.score!r}")
         self._layers: tuple[int, ...] = ()
+        self._kind = "cls_prob"
 
     def setup(self, info: VisionInfo) -> None:
         super().setup(info)
+        if self.score == "cls" and not info.has_cls:
+            raise ValueError("method 'cls' with score='cls' needs a vision tower with a CLS token; this model has "
+                             "none (use score='received' or the default 'auto')")
+        if not info.has_cls or self.score == "received":
+            # No CLS query (Qwen-VL, SigLIP): the documented equivalent is the attention each token receives
+            # from all tokens of its image, at the last global-attention layer.
+            self._kind = "received"
+            self._layers = (info.score_layer if info.score_layer is not None else info.feature_layer,)
+            return
         start = self.start_layer if self.start_layer is not None else max(0, info.feature_layer - DEFAULT_WINDOW + 1)
         if start > info.feature_layer:
             raise ValueError(
@@ -52,8 +67,8 @@ class ClsPruning(Method):
         self._layers = tuple(range(start, info.feature_layer + 1))
 
     def score_requests(self) -> list[ScoreRequest]:
-        return [ScoreRequest("cls_prob", self._layers)]
+        return [ScoreRequest(self._kind, self._layers)]
 
     def select(self, visual: VisualInput) -> Selection:
-        score = combine_layers([visual.scores[("cls_prob", l)] for l in self._layers], self.ensemble)
+        score = combine_layers([visual.scores[(self._kind, l)] for l in self._layers], self.ensemble)
         return Selection(topk_sorted(score, visual.budget))

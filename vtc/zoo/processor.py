@@ -17,7 +17,7 @@ CHAT_TEMPLATE = (
 _TEXT = """
 user assistant is there a an the in image are on left right of number written please answer yes no
 question using single word or phrase what how many color shape which side top bottom it this
-same different than more fewer empty
+same different than more fewer empty describe
 select best following multiple choice based video respond with only letter option from given choices directly
 first appear appears moves moving move up down does change changes changed object objects order after before
 frame frames end start stays still appeared disappeared disappears

@@ -53,3 +53,54 @@ def left_pad(rows: list[list[int]], pad_id: int = 0) -> tuple[torch.Tensor, torc
         ids[i, width - len(r):] = torch.tensor(r)
         mask[i, width - len(r):] = 1
     return ids, mask
+
+
+QWEN_IMAGE, QWEN_VIDEO = 100, 101
+
+
+def tiny_qwen_vl(version: str = "2", seed: int = 0, attn: str = "sdpa", text_layers: int = 2):
+    """A tiny Qwen2-VL (``version="2"``) or Qwen2.5-VL (``"2.5"``) with random weights (patch 4, merge 2)."""
+    text = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=text_layers,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                rope_parameters={"rope_type": "default", "rope_theta": 1e4, "mrope_section": [2, 3, 3]},
+                pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(seed)
+    if version == "2":
+        from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration as Cls
+        vision = dict(depth=2, embed_dim=32, hidden_size=64, num_heads=4, mlp_ratio=2, patch_size=4,
+                      spatial_merge_size=2, temporal_patch_size=2)
+        cfg = Qwen2VLConfig(vision_config=vision, text_config=text, image_token_id=QWEN_IMAGE,
+                            video_token_id=QWEN_VIDEO, vision_start_token_id=102, vision_end_token_id=103)
+    elif version == "2.5":
+        from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration as Cls
+        vision = dict(depth=2, hidden_size=32, out_hidden_size=64, intermediate_size=64, num_heads=4, patch_size=4,
+                      spatial_merge_size=2, temporal_patch_size=2, window_size=16, fullatt_block_indexes=[1])
+        cfg = Qwen2_5_VLConfig(vision_config=vision, text_config=text, image_token_id=QWEN_IMAGE,
+                               video_token_id=QWEN_VIDEO, vision_start_token_id=102, vision_end_token_id=103)
+    else:
+        raise ValueError(f"version must be '2' or '2.5'; got {version!r}")
+    model = Cls(cfg).eval()
+    model.set_attn_implementation(attn)
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+def qwen_inputs(grids: list[tuple[int, int, int]], prefixes: list[list[int]], suffixes: list[list[int]],
+                video: bool = False, seed: int = 0) -> dict:
+    """Left-padded Qwen batch, one image (or video) per row with grid (t, h, w) in patches."""
+    g = torch.Generator().manual_seed(seed)
+    tok = QWEN_VIDEO if video else QWEN_IMAGE
+    rows, types = [], []
+    for (t, h, w), pre, suf in zip(grids, prefixes, suffixes):
+        n = t * h * w // 4
+        rows.append(pre + [102] + [tok] * n + [103] + suf)
+        types.append([0] * (len(pre) + 1) + [2 if video else 1] * n + [0] * (1 + len(suf)))
+    ids, mask = left_pad(rows)
+    tt = torch.zeros_like(ids)
+    for i, ty in enumerate(types):
+        tt[i, ids.shape[1] - len(ty):] = torch.tensor(ty)
+    patches = sum(t * h * w for t, h, w in grids)
+    pv = torch.randn(patches, 3 * 2 * 4 * 4, generator=g)
+    key = "pixel_values_videos" if video else "pixel_values"
+    gkey = "video_grid_thw" if video else "image_grid_thw"
+    return {"input_ids": ids, "attention_mask": mask, key: pv, gkey: torch.tensor(grids), "mm_token_type_ids": tt}

@@ -4,8 +4,9 @@
 
 Stage 1: CLIP-style contrastive pre-training of the vision tower against a small caption encoder
 (open_clip's ClipLoss), so the tower's CLS token summarises the objects and its attention is meaningful.
-Stage 2: projector + language model (vision tower at a lower learning rate) on captions and several
-ShapesMME question-answer pairs per image, with the lmms-eval MME prompt. Seeds for train (1000+),
+Stage 2: projector + language model on captions only (the vision tower frozen): about 20 image-conditioned
+tokens per sample teach the LM to read the visual tokens. Stage 3: several ShapesMME question-answer pairs
+per image (the lmms-eval MME prompt) plus some captions, the vision tower at a lower learning rate. Seeds for train (1000+),
 validation (2000) and test (3000, never used here) differ.
 """
 from __future__ import annotations
@@ -161,20 +162,28 @@ def quick_accuracy(model, proc, n_images: int = 60, seed: int = VAL_SEED) -> flo
     return correct / total
 
 
-def stage2(model, proc, minutes: float, batch: int, log, val_every: int = 150):
-    gen = ShapesGenerator(TRAIN_SEED + 1)
-    rng = random.Random(TRAIN_SEED)
+def language_stage(model, proc, minutes: float, batch: int, log, name: str, caption_p: float, vision_lr: float,
+                   seed: int, val_every: int = 100, only_captions: bool = False):
+    """Train projector + LM (and the vision tower at ``vision_lr``, 0 = frozen) on captions and/or VQA."""
+    gen = ShapesGenerator(seed)
+    rng = random.Random(seed)
     cfg = model.config
     n_image = (IMAGE_SIZE // PATCH) ** 2
     vision = list(model.model.vision_tower.parameters())
+    for p in vision:
+        p.requires_grad_(vision_lr > 0)
     others = [p for n, p in model.named_parameters() if not n.startswith("model.vision_tower.")]
-    opt = torch.optim.AdamW([{"params": others, "base": 1e-3}, {"params": vision, "base": 2e-4}], weight_decay=0.01)
-    est = int(minutes * 60 / 1.6)
+    groups = [{"params": others, "base": 1e-3}] + ([{"params": vision, "base": vision_lr}] if vision_lr > 0 else [])
+    opt = torch.optim.AdamW(groups, weight_decay=0.01)
+    est = int(minutes * 60 / 1.3)
     t0, step, best = time.time(), 0, (-1.0, None)
     model.train()
     while time.time() - t0 < minutes * 60:
         samples = [gen.training_sample() for _ in range(batch)]
-        ids, am, lab, pv = batch_from(samples, proc, cfg.image_token_id, n_image, 0.15, rng)
+        if only_captions:
+            for _, sc in samples:
+                sc.qa = []
+        ids, am, lab, pv = batch_from(samples, proc, cfg.image_token_id, n_image, caption_p, rng)
         for g in opt.param_groups:
             g["lr"] = _lr(step, est, g["base"])
         loss = model(input_ids=ids, attention_mask=am, pixel_values=pv, labels=lab).loss
@@ -183,15 +192,19 @@ def stage2(model, proc, minutes: float, batch: int, log, val_every: int = 150):
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         if step % 25 == 0:
-            log(f"stage2 step {step} loss {loss.item():.4f} ({time.time() - t0:.0f}s)")
-        if step and step % val_every == 0:
+            log(f"{name} step {step} loss {loss.item():.4f} ({time.time() - t0:.0f}s)")
+        if val_every and step and step % val_every == 0:
             acc = quick_accuracy(model, proc)
-            log(f"stage2 step {step} val acc {acc:.3f}")
+            log(f"{name} step {step} val acc {acc:.3f}")
             if acc > best[0]:
                 best = (acc, {k: v.detach().clone() for k, v in model.state_dict().items()})
         step += 1
+    for p in vision:
+        p.requires_grad_(True)
+    if not val_every:
+        return None
     acc = quick_accuracy(model, proc)
-    log(f"stage2 final val acc {acc:.3f}")
+    log(f"{name} final val acc {acc:.3f}")
     if best[1] is not None and best[0] > acc:
         model.load_state_dict(best[1])
         acc = best[0]
@@ -204,8 +217,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=str(Path(__file__).parent / "checkpoints" / "toy-llava"))
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--stage1-minutes", type=float, default=7)
-    ap.add_argument("--stage2-minutes", type=float, default=33)
+    ap.add_argument("--stage1-minutes", type=float, default=6)
+    ap.add_argument("--stage2-minutes", type=float, default=9)
+    ap.add_argument("--stage3-minutes", type=float, default=25)
+    ap.add_argument("--resume", help="a stage checkpoint folder (runs/.../stage1 or stage2) to start from")
+    ap.add_argument("--start-stage", type=int, default=1, help="first stage to run (with --resume)")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
@@ -222,12 +238,23 @@ def main() -> None:
         logf.flush()
 
     proc = build_llava_processor(IMAGE_SIZE, PATCH)
-    model = LlavaForConditionalGeneration(toy_llava_config(proc.tokenizer))
+    if args.resume:
+        model = LlavaForConditionalGeneration.from_pretrained(args.resume)
+    else:
+        model = LlavaForConditionalGeneration(toy_llava_config(proc.tokenizer))
     model.set_attn_implementation("sdpa")
+    model.train()
     log(f"params: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M")
     t0 = time.time()
-    stage1(model, proc, args.stage1_minutes, 64, log)
-    acc = stage2(model, proc, args.stage2_minutes, args.batch, log)
+    if args.start_stage <= 1:
+        stage1(model, proc, args.stage1_minutes, 64, log)
+        model.save_pretrained(out / "stage1")
+    if args.start_stage <= 2:
+        language_stage(model, proc, args.stage2_minutes, args.batch, log, "stage2", caption_p=1.0, vision_lr=0.0,
+                       seed=TRAIN_SEED + 1, val_every=0, only_captions=True)
+        model.save_pretrained(out / "stage2")
+    acc = language_stage(model, proc, args.stage3_minutes, args.batch, log, "stage3", caption_p=0.1, vision_lr=2e-4,
+                         seed=TRAIN_SEED + 2)
     model.eval()
     model.generation_config.pad_token_id = proc.tokenizer.pad_token_id
     model.generation_config.eos_token_id = proc.tokenizer.eos_token_id
@@ -236,7 +263,8 @@ def main() -> None:
     proc.save_pretrained(out)
     (out / "training.json").write_text(json.dumps({
         "seed": args.seed, "train_seed": TRAIN_SEED, "val_seed": VAL_SEED, "minutes": (time.time() - t0) / 60,
-        "stage1_minutes": args.stage1_minutes, "stage2_minutes": args.stage2_minutes, "batch": args.batch,
+        "stage1_minutes": args.stage1_minutes, "stage2_minutes": args.stage2_minutes,
+        "stage3_minutes": args.stage3_minutes, "batch": args.batch, "start_stage": args.start_stage,
         "val_first_token_accuracy": acc, "threads": args.threads,
     }, indent=2))
     log(f"saved to {out} (val acc {acc:.3f}, {(time.time() - t0) / 60:.1f} min)")

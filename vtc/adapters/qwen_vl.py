@@ -1,0 +1,253 @@
+"""Qwen2-VL and Qwen2.5-VL (images and videos): no CLS token, PatchMerger projector, 3-D M-RoPE positions.
+
+Sites:
+- ``vision``: the method acts on the PatchMerger outputs (one token per 2x2 patch unit, LLM width), per image
+  and per temporal frame group of a video. ``received`` scores come from the chosen block's own qkv
+  projection (any backend), per attention segment (``cu_seqlens``: one per frame), averaged over each
+  merge unit; on Qwen2.5 they are taken from a full-attention block and un-permuted from window order.
+- ``llm_input`` / ``llm_layer``: the shared LM rewrites; kept tokens keep their original 4xBxL M-RoPE
+  positions. A hand-written decode loop without ``attention_mask``/``position_ids`` gets a full-length mask,
+  so the model derives the same positions as without pruning.
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+import sys
+import weakref
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from ..core.scores import attention_received
+from ..runtime import Runtime
+from ..sites import VisionInfo
+from .base import Adapter, register_adapter
+from .llm_input import LLMInputPruner
+from .llm_layers import LLMLayerPruner
+
+
+@dataclass
+class _Scratch:
+    active: bool = False
+    scores: dict[tuple[str, int], list[torch.Tensor]] = field(default_factory=dict)
+
+
+@dataclass
+class _Call:
+    image: torch.Tensor | None
+    video: torch.Tensor | None
+    keep: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+
+
+@register_adapter
+class QwenVLAdapter(Adapter):
+    model_classes = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration", "Qwen2VLModel",
+                     "Qwen2_5_VLModel")
+    family = "qwen2-vl"
+    supported_sites = ("vision", "llm_input", "llm_layer")
+
+    def __init__(self, model: nn.Module):
+        super().__init__(model)
+        self.base = model.model if hasattr(model, "lm_head") else model
+        self.visual = self.base.visual
+        self.blocks = self.visual.blocks
+        self.unit = self.visual.spatial_merge_size ** 2
+        self.windowed = hasattr(self.visual, "fullatt_block_indexes")
+        cfg = self.base.config
+        self.image_token_id, self.video_token_id = cfg.image_token_id, cfg.video_token_id
+        score_layer = len(self.blocks) - 1
+        if self.windowed and self.visual.fullatt_block_indexes:
+            score_layer = max(self.visual.fullatt_block_indexes)
+        self._info = VisionInfo(num_layers=len(self.blocks), feature_layer=len(self.blocks) - 1, has_cls=False,
+                                grid=None, llm_layers=len(self.base.language_model.layers),
+                                llm_type=getattr(cfg.text_config, "model_type", ""), score_layer=score_layer)
+        attn_mod = sys.modules[type(self.blocks[0].attn).__module__]
+        self._rope = attn_mod.apply_rotary_pos_emb_vision
+
+    def vision_info(self) -> VisionInfo:
+        return self._info
+
+    # ------------------------------------------------------------------ install
+    def install(self, runtime: Runtime) -> None:
+        self.rt = runtime
+        self.scratch = _Scratch()
+        self.call: _Call | None = None
+        self.keep_by_id: dict[int, tuple[weakref.ref, torch.Tensor]] = {}
+        for req in runtime.score_requests():
+            if req.kind == "keys":
+                continue  # merging methods use the merged features themselves on Qwen
+            if req.kind != "received":
+                raise ValueError(f"the {self.family} adapter has no {req.kind!r} scores (no CLS token); it offers 'received'")
+            for l in req.layers:
+                self._install_received(l % len(self.blocks))
+        for name, modality in (("get_image_features", "image"), ("get_video_features", "video")):
+            original = getattr(self.base, name)
+            self._set_instance_attr(self.base, name, self._wrap(original, modality))
+        self._hook(self.base.register_forward_pre_hook(self._base_pre, with_kwargs=True))
+        self._hook(self.base.register_forward_hook(self._base_post, with_kwargs=True))
+        self.pruner = LLMInputPruner(self.base.language_model, self._keep_for_lm, runtime)
+        self.pruner.install(self._hook)
+        if "llm_layer" in runtime.method.sites:
+            self.layer_pruner = LLMLayerPruner(self.base.language_model, runtime, self.pruner)
+            self.layer_pruner.install(self._hook)
+
+    def _install_received(self, layer: int) -> None:
+        attn = self.blocks[layer].attn
+        cap: dict[str, Any] = {}
+
+        def grab_qkv(module, args, output):
+            if self.scratch.active:
+                cap["qkv"] = output
+
+        def grab_kwargs(module, args, kwargs):
+            if self.scratch.active:
+                cap["cu"] = kwargs.get("cu_seqlens")
+                cap["rope"] = kwargs.get("position_embeddings")
+
+        def compute(module, args, kwargs, output):
+            if not self.scratch.active or "qkv" not in cap:
+                return None
+            with self.rt.timed():
+                qkv = cap.pop("qkv")
+                s = qkv.shape[0]
+                q, k, _ = qkv.reshape(s, 3, module.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+                cos, sin = cap["rope"]
+                q, k = self._rope(q, k, cos, sin)
+                q, k = q.transpose(0, 1), k.transpose(0, 1)  # (H, S, d)
+                cu = cap["cu"].tolist()
+                per_patch = torch.cat([attention_received(q[:, a:b], k[:, a:b], module.scaling)
+                                       for a, b in zip(cu[:-1], cu[1:])])
+                merged = per_patch.reshape(-1, self.unit).mean(-1)
+                self.scratch.scores.setdefault(("received", layer), []).append(merged)
+            return None
+
+        self._hook(attn.qkv.register_forward_hook(grab_qkv))
+        self._hook(attn.register_forward_pre_hook(grab_kwargs, with_kwargs=True))
+        self._hook(attn.register_forward_hook(compute, with_kwargs=True))
+
+    # ------------------------------------------------------------------ vision site
+    def _wrap(self, original, modality: str):
+        sig = inspect.signature(original)
+        grid_name = "image_grid_thw" if modality == "image" else "video_grid_thw"
+
+        @functools.wraps(original)
+        def wrapped(*args, **kwargs):
+            bound = sig.bind(*args, **kwargs)
+            grid = bound.arguments.get(grid_name)
+            self.scratch = _Scratch(active=True)
+            try:
+                out = original(*args, **kwargs)
+            finally:
+                self.scratch.active = False
+            feats = getattr(out, "pooler_output", None)
+            if feats is None or grid is None:
+                return out
+            with self.rt.timed():
+                new, keeps = self._compress(list(feats), grid)
+            out.pooler_output = tuple(new)
+            self.rt.last_keep = [k.detach().cpu() for k in keeps]
+            self.keep_by_id = {i: (r, k) for i, (r, k) in self.keep_by_id.items() if r() is not None}
+            for f, k in zip(new, keeps):
+                self.keep_by_id[id(f)] = (weakref.ref(f), k)
+            if self.call is not None:
+                self.call.keep[modality] = keeps
+            return out
+
+        return wrapped
+
+    def _scores_in_token_order(self, grid: torch.Tensor) -> dict[tuple[str, int], torch.Tensor]:
+        out = {}
+        for key, parts in self.scratch.scores.items():
+            s = torch.cat(parts)
+            if self.windowed:
+                window_index = self._window_index(grid)
+                s = s[torch.argsort(window_index.to(s.device))]
+            out[key] = s
+        return out
+
+    def _window_index(self, grid: torch.Tensor) -> torch.Tensor:
+        """Qwen2.5's merge-unit permutation into window order (the same helper the tower calls)."""
+        from transformers.vision_utils import get_vision_window_index
+
+        v = self.visual
+        return get_vision_window_index(grid, spatial_merge_size=v.spatial_merge_size, window_size=v.window_size,
+                                       patch_size=v.patch_size)[0]
+
+    def _compress(self, feats: list[torch.Tensor], grid: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        scores = self._scores_in_token_order(grid)
+        new, keeps, offset = [], [], 0
+        m = self.visual.spatial_merge_size
+        for f, (t, h, w) in zip(feats, grid.tolist()):
+            gh, gw = h // m, w // m
+            per = gh * gw
+            keep = torch.zeros(f.shape[0], dtype=torch.bool, device=f.device)
+            out = torch.zeros_like(f)
+            untouched = True
+            for g in range(t):  # one budget per temporal frame group
+                sl = slice(g * per, (g + 1) * per)
+                sc = {key: v[offset + g * per: offset + (g + 1) * per] for key, v in scores.items()}
+                sel = self.rt.compress_image(f[sl], (gh, gw), sc)
+                idx = sel.index + g * per
+                keep[idx] = True
+                out[idx] = sel.features.to(f.dtype) if sel.features is not None else f[idx]
+                untouched &= sel.features is None and sel.index.numel() == per
+            offset += f.shape[0]
+            new.append(f if untouched else out)
+            keeps.append(keep)
+        return new, keeps
+
+    # ------------------------------------------------------------------ base model
+    def _base_pre(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]):
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        if input_ids is None:
+            self.call = _Call(None, None)
+            return None
+        call = _Call(input_ids == self.image_token_id, input_ids == self.video_token_id)
+        enc = kwargs.get("mm_encoder_outputs") or {}
+        for modality in ("image", "video"):
+            o = enc.get(modality) if isinstance(enc, dict) else None
+            if o is not None and getattr(o, "pooler_output", None) is not None:
+                ks = []
+                for f in o.pooler_output:
+                    e = self.keep_by_id.get(id(f))
+                    ks.append(e[1] if e is not None and e[0]() is f else torch.ones(f.shape[0], dtype=torch.bool, device=f.device))
+                call.keep[modality] = ks
+        self.call = call
+        cache = kwargs.get("past_key_values")
+        if (cache is not None and kwargs.get("position_ids") is None and kwargs.get("attention_mask") is None
+                and cache.get_seq_length() > 0):
+            st = self.pruner._decode.get(cache)
+            if st is not None:  # hand-written decode loop: let the model derive positions from a full-length mask
+                q = input_ids.shape[1]
+                full = cache.get_seq_length() + st.full_len - st.kept_len + q
+                new = dict(kwargs)
+                new["attention_mask"] = torch.ones(input_ids.shape[0], full, dtype=torch.long, device=input_ids.device)
+                return args, new
+        return None
+
+    def _base_post(self, module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any):
+        self.call = None
+        return None
+
+    def _keep_for_lm(self, lm_kwargs: dict[str, Any]):
+        call = self.call
+        if call is None or call.image is None:
+            return None
+        visual = call.image | call.video
+        keep = ~visual
+        for modality, mask in (("image", call.image), ("video", call.video)):
+            n = int(mask.sum())
+            if not n:
+                continue
+            ks = call.keep.get(modality)
+            if ks is None:
+                return None
+            flat = torch.cat(ks).to(keep.device)
+            if flat.numel() != n:
+                return None
+            keep[mask] = flat
+        keep[:, -1] = True
+        return keep, visual
