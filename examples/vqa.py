@@ -14,7 +14,7 @@ import torch
 from PIL import Image, ImageDraw
 
 import vtc
-from vtc.zoo.models import default_model, load_llava
+from vtc.zoo.models import default_model, load_model
 
 
 def overlay(image: Image.Image, keep: torch.Tensor, side: int, out: str) -> None:
@@ -53,7 +53,7 @@ def main() -> None:
     args = ap.parse_args()
 
     if args.model:
-        model, processor = load_llava(args.model, args.device, torch.float16 if args.device == "cuda" else None)
+        model, processor = load_model(args.model, args.device, torch.float16 if args.device == "cuda" else None)
         label = args.model
     else:
         model, processor, label = default_model(args.device)

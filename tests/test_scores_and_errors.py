@@ -70,7 +70,7 @@ def test_error_unknown_method_lists_available(make_llava):
 
 
 def test_error_unknown_hyperparameter(make_llava):
-    with pytest.raises(TypeError, match=r"unknown hyperparameter\(s\) \['layer'\]; allowed: \['ensemble', 'start_layer'\]"):
+    with pytest.raises(TypeError, match=r"unknown hyperparameter\(s\) \['layer'\]; allowed: \['ensemble', 'score', 'start_layer'\]"):
         vtc.patch(make_llava(), "cls", ratio=0.5, layer=3)
 
 

@@ -11,10 +11,10 @@ TEST_SEED = 3000  # ShapesMME test split; training uses 1000+, validation 2000
 
 
 def _load(args):
-    from .zoo.models import default_model, load_llava
+    from .zoo.models import default_model, load_model
 
     if args.model:
-        model, proc = load_llava(args.model, args.device)
+        model, proc = load_model(args.model, args.device)
         return model, proc, args.model
     model, proc, label = default_model(args.device)
     return model, proc, label
@@ -37,7 +37,7 @@ def _records(args):
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", help="local llava-hf checkpoint (default: the bundled toy LLaVA)")
+    p.add_argument("--model", help="local checkpoint folder, or toy-llava / toy-qwen2-vl (default: the bundled toy LLaVA)")
     p.add_argument("--data", help="MME parquet file/folder or MME_Benchmark folder (default: ShapesMME test split)")
     p.add_argument("--per-category", type=int, default=40, help="images per category when generating ShapesMME")
     p.add_argument("--limit", type=int, default=0, help="evaluate only the first N images")
@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     mme.add_argument("--tokens", type=int)
     sw = ev.add_parser("sweep", help="methods x ratios on MME -> table.md, sweep.json, sweep.png")
     _common(sw)
-    sw.add_argument("--methods", default="cls,random,uniform,pool")
+    sw.add_argument("--methods", default="cls,random,uniform,pool,fastv,aim")
     sw.add_argument("--ratios", default="1.0,0.5,0.25,0.11")
     data = sub.add_parser("data", help="write synthetic benchmarks").add_subparsers(dest="what", required=True)
     sm = data.add_parser("shapes-mme", help="ShapesMME in the MME_Benchmark folder layout and lmms-eval parquet")

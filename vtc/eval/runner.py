@@ -92,6 +92,13 @@ def evaluate_mme(
     preds = [done[_key(r)] for r in records]
     before = [t for s in stats for t in s.tokens_before]
     after = [t for s in stats for t in s.tokens_after]
+    n_layers = getattr(getattr(model.config, "text_config", model.config), "num_hidden_layers", 0)
+    fractions = []  # visual tokens processed per LLM layer / uncompressed, a FLOPs proxy that counts in-LLM pruning
+    for s in stats:
+        for b, (t0, t1) in enumerate(zip(s.tokens_before, s.tokens_after)):
+            if t0 and n_layers:
+                per_layer = [s.layer_tokens.get(j, [t1] * (b + 1))[b] for j in range(n_layers)]
+                fractions.append(sum(per_layer) / (n_layers * t0))
     result = {
         "config": {"method": method or "none", "ratio": ratio, "tokens": tokens, "hyperparameters": hyperparameters,
                    "batch_size": batch_size, "max_new_tokens": max_new_tokens, "prompt": "lmms-eval MME default",
@@ -100,6 +107,7 @@ def evaluate_mme(
         "compression": {
             "visual_tokens_before": sum(before) / len(before) if before else None,
             "visual_tokens_after": sum(after) / len(after) if after else None,
+            "llm_visual_fraction": sum(fractions) / len(fractions) if fractions else (None if method else 1.0),
             "compress_seconds": sum(s.seconds for s in stats),
             "generate_seconds_this_run": t_gen,
         },
@@ -134,10 +142,12 @@ def sweep(
             s = res["scores"]
             rows.append({"method": m, "ratio": r, "perception": s["perception"], "accuracy": s["question_accuracy"],
                          "tokens": res["compression"]["visual_tokens_after"],
+                         "llm_fraction": res["compression"]["llm_visual_fraction"] or 1.0,
                          "categories": {c: v["score"] for c, v in s["categories"].items()}})
     (out / "sweep.json").write_text(json.dumps(rows, indent=1))
     (out / "table.md").write_text(sweep_table(rows))
     plot_sweep(rows, out / "sweep.png", ylabel="MME perception score")
+    plot_sweep(rows, out / "sweep_flops.png", ylabel="MME perception score", x="llm_fraction")
     return rows
 
 
@@ -153,10 +163,15 @@ def sweep_table(rows: list[dict]) -> str:
             r = lookup.get((m, x))
             cells.append(f"{r['perception']:.1f} ({100 * r['accuracy']:.1f}%)" if r else "")
         body += f"| {m} | " + " | ".join(cells) + " |\n"
+    body += "\nVisual tokens processed per LLM layer, as a fraction of the uncompressed model (FLOPs proxy):\n\n"
+    body += "| method | " + " | ".join(f"r={x:g}" for x in ratios) + " |\n|---|" + "---|" * len(ratios) + "\n"
+    for m in methods:
+        cells = [f"{lookup[(m, x)]['llm_fraction']:.3f}" if (m, x) in lookup else "" for x in ratios]
+        body += f"| {m} | " + " | ".join(cells) + " |\n"
     return head + body
 
 
-def plot_sweep(rows: list[dict], path: str | Path, ylabel: str, key: str = "perception") -> None:
+def plot_sweep(rows: list[dict], path: str | Path, ylabel: str, key: str = "perception", x: str = "ratio") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -164,12 +179,15 @@ def plot_sweep(rows: list[dict], path: str | Path, ylabel: str, key: str = "perc
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for m in dict.fromkeys(r["method"] for r in rows):
-        pts = sorted((r["ratio"], r[key]) for r in rows if r["method"] == m)
+        pts = sorted((r[x], r[key]) for r in rows if r["method"] == m)
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=m)
     ax.set_xscale("log")
-    ax.set_xticks(sorted({r["ratio"] for r in rows}))
-    ax.set_xticklabels([f"{x:g}" for x in sorted({r["ratio"] for r in rows})])
-    ax.set_xlabel("fraction of visual tokens kept")
+    if x == "ratio":
+        ticks = sorted({r["ratio"] for r in rows})
+        ax.set_xticks(ticks)
+        ax.set_xticklabels([f"{t:g}" for t in ticks])
+    ax.set_xlabel("fraction of visual tokens kept" if x == "ratio" else
+                  "visual tokens per LLM layer / uncompressed (FLOPs proxy)")
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     ax.legend()

@@ -8,16 +8,21 @@ import torch
 
 CHECKPOINTS = Path(__file__).parent / "checkpoints"
 TOY_LLAVA = CHECKPOINTS / "toy-llava"
+TOY_QWEN = CHECKPOINTS / "toy-qwen2-vl"
 
 
-def load_llava(path: str | Path, device: str = "cpu", dtype: torch.dtype | None = None, attn: str = "sdpa"):
-    """Load a local llava-hf style checkpoint (``LlavaForConditionalGeneration`` + its processor), offline."""
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
+def load_model(path: str | Path, device: str = "cpu", dtype: torch.dtype | None = None, attn: str = "sdpa"):
+    """Load a local checkpoint (llava-hf, Qwen2-VL, ... any image-text-to-text model) and its processor, offline.
 
+    ``path`` may also be ``toy-llava`` or ``toy-qwen2-vl`` for the bundled toy models."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    if str(path) in ("toy-llava", "toy-qwen2-vl"):
+        path = CHECKPOINTS / str(path)
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no checkpoint at {path}; pass a local folder saved with save_pretrained")
-    model = LlavaForConditionalGeneration.from_pretrained(
+    model = AutoModelForImageTextToText.from_pretrained(
         path, dtype=dtype or torch.float32, attn_implementation=attn, local_files_only=True
     ).to(device).eval()
     processor = AutoProcessor.from_pretrained(path, local_files_only=True)
@@ -27,7 +32,7 @@ def load_llava(path: str | Path, device: str = "cpu", dtype: torch.dtype | None 
 def default_model(device: str = "cpu") -> tuple[Any, Any, str]:
     """The bundled toy LLaVA if present, else a tiny random-weight LLaVA (returned label says which)."""
     if (TOY_LLAVA / "config.json").exists():
-        model, proc = load_llava(TOY_LLAVA, device)
+        model, proc = load_model(TOY_LLAVA, device)
         return model, proc, f"bundled toy LLaVA ({TOY_LLAVA.name}, trained on ShapesMME)"
     from .processor import build_llava_processor
     from .tiny import tiny_llava
@@ -39,3 +44,6 @@ def default_model(device: str = "cpu") -> tuple[Any, Any, str]:
     model.config.image_token_id = tok.convert_tokens_to_ids("<image>")
     model.generation_config.eos_token_id = tok.eos_token_id
     return model.to(device), proc, "tiny RANDOM-WEIGHT LLaVA (no toy checkpoint found): answers are meaningless"
+
+
+load_llava = load_model  # backwards-compatible name

@@ -3,14 +3,23 @@ from __future__ import annotations
 
 import re
 
-from .shapes import COLORS, NUMBERS, SHAPES, SIZES
+from .shapes import COLORS, NUMBERS, SHAPES, SIZES, plural
 
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
 IMAGE_TOKEN = "<image>"
-CHAT_TEMPLATE = (
+CHAT_TEMPLATE_IMAGE_FIRST = (
     "{% for message in messages %}{% if message['role'] == 'user' %}USER: "
     "{% for c in message['content'] %}{% if c['type'] == 'image' %}<image>\n{% endif %}{% endfor %}"
     "{% for c in message['content'] %}{% if c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %} "
+    "{% else %}ASSISTANT: {% for c in message['content'] %}{% if c['type'] == 'text' %}{{ c['text'] }}{% endif %}"
+    "{% endfor %}</s>{% endif %}{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+# The toy models put the question before the image ("USER: question <image> ASSISTANT:"): image tokens can
+# then attend to the question, which lets a 4-layer model learn question-conditioned lookups quickly.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'user' %}USER: "
+    "{% for c in message['content'] %}{% if c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}"
+    "{% for c in message['content'] %}{% if c['type'] == 'image' %} <image>{% endif %}{% endfor %} "
     "{% else %}ASSISTANT: {% for c in message['content'] %}{% if c['type'] == 'text' %}{{ c['text'] }}{% endif %}"
     "{% endfor %}</s>{% endif %}{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
 )
@@ -26,7 +35,7 @@ frame frames end start stays still appeared disappeared disappears
 
 def vocabulary() -> list[str]:
     words = set(re.findall(r"\w+|[^\w\s]", _TEXT.lower()))
-    words |= set(SHAPES) | {s + "s" for s in SHAPES} | set(COLORS) | set(NUMBERS) | set(SIZES)
+    words |= set(SHAPES) | {plural(s) for s in SHAPES} | set(COLORS) | set(NUMBERS) | set(SIZES)
     words |= set("0123456789") | set("abcdefgh") | set(".,?:;!()'\"-")
     return SPECIALS + sorted(words)
 
@@ -62,3 +71,29 @@ def build_llava_processor(image_size: int, patch_size: int):
         vision_feature_select_strategy="default", num_additional_image_tokens=1, chat_template=CHAT_TEMPLATE,
         image_token=IMAGE_TOKEN,
     )
+
+
+QWEN_SPECIALS = ["<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>"]
+QWEN_CHAT_TEMPLATE_IMAGE_FIRST = (
+    "{% for message in messages %}{% if message['role'] == 'user' %}USER: "
+    "{% for c in message['content'] %}{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>\n"
+    "{% elif c['type'] == 'video' %}<|vision_start|><|video_pad|><|vision_end|>\n{% endif %}{% endfor %}"
+    "{% for c in message['content'] %}{% if c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %} "
+    "{% else %}ASSISTANT: {% for c in message['content'] %}{% if c['type'] == 'text' %}{{ c['text'] }}{% endif %}"
+    "{% endfor %}</s>{% endif %}{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+
+
+def build_qwen_processor(image_size: int, patch_size: int = 4, merge_size: int = 2):
+    """A ``Qwen2VLProcessor`` for the toy Qwen2-VL: ``image_size`` square images -> (image_size/patch/merge)^2 tokens."""
+    from transformers import Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
+
+    tok = build_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN] + QWEN_SPECIALS})
+    pixels = image_size * image_size
+    image_processor = Qwen2VLImageProcessor(patch_size=patch_size, merge_size=merge_size, temporal_patch_size=2,
+                                            min_pixels=pixels, max_pixels=pixels)
+    video_processor = Qwen2VLVideoProcessor(patch_size=patch_size, merge_size=merge_size, temporal_patch_size=2,
+                                            min_pixels=pixels, max_pixels=pixels)
+    return Qwen2VLProcessor(image_processor=image_processor, tokenizer=tok, video_processor=video_processor,
+                            chat_template=QWEN_CHAT_TEMPLATE)

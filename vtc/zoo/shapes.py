@@ -25,6 +25,10 @@ CATEGORIES = ("existence", "count", "position", "color", "OCR")
 MME_SUFFIX = " Please answer yes or no."
 
 
+def plural(shape: str) -> str:
+    return shape + ("es" if shape.endswith("s") else "s")
+
+
 @dataclass
 class Obj:
     shape: str
@@ -63,9 +67,9 @@ def _place(rng: random.Random, size: int, canvas: int, boxes: list) -> tuple[int
     return None
 
 
-def _draw(draw: ImageDraw.ImageDraw, o: Obj) -> None:
+def _draw(draw: ImageDraw.ImageDraw, o: Obj, fill=None) -> None:
     x0, y0, x1, y1 = o.box
-    fill = COLORS[o.color]
+    fill = COLORS[o.color] if fill is None else fill
     if o.shape == "circle":
         draw.ellipse(o.box, fill=fill)
     elif o.shape == "square":
@@ -145,7 +149,8 @@ class ShapesGenerator:
             shape = rng.choice(SHAPES)
             n = sum(o.shape == shape for o in objs)
             wrong = rng.choice([m for m in (n - 1, n + 1, n + 2) if 0 <= m < len(NUMBERS)])
-            return [(f"Are there {NUMBERS[n]} {shape}s in the image?", "Yes"), (f"Are there {NUMBERS[wrong]} {shape}s in the image?", "No")]
+            return [(f"Are there {NUMBERS[n]} {plural(shape)} in the image?", "Yes"),
+                    (f"Are there {NUMBERS[wrong]} {plural(shape)} in the image?", "No")]
         if category == "position":
             uniq = [o for o in objs if sum((x.color, x.shape) == (o.color, o.shape) for x in objs) == 1]
             pairs = [(a, b) for a in uniq for b in uniq if a is not b and a.cx + 16 < b.cx]
@@ -188,8 +193,8 @@ class ShapesGenerator:
                     continue
                 n = k
                 wrong = self.rng.choice([m for m in (n - 1, n + 1, n + 2) if 0 <= m < len(NUMBERS)])
-                scene.qa = [(f"Are there {NUMBERS[n]} {shape}s in the image?", "Yes"),
-                            (f"Are there {NUMBERS[wrong]} {shape}s in the image?", "No")]
+                scene.qa = [(f"Are there {NUMBERS[n]} {plural(shape)} in the image?", "Yes"),
+                            (f"Are there {NUMBERS[wrong]} {plural(shape)} in the image?", "No")]
             else:
                 scene = self.scene(digit=True if category == "OCR" else None)
                 qa = self.questions(scene, category)

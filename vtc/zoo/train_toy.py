@@ -1,0 +1,415 @@
+"""Train the bundled toy models (LLaVA-1.5-style or Qwen2-VL-style) on ShapesMME, from a seed, on a CPU.
+
+    python -m vtc.zoo.train_toy --family llava --out vtc/zoo/checkpoints/toy-llava
+    python -m vtc.zoo.train_toy --family qwen2-vl --out vtc/zoo/checkpoints/toy-qwen2-vl
+
+Stage 1: CLIP-style contrastive pre-training of the vision tower against a small caption encoder
+(open_clip's ClipLoss), so the tower's CLS token summarises the objects and its attention is meaningful, plus
+dense per-patch heads (colour, shape, digit of the object covering each patch) on the features the projector
+sees, so that those features linearly encode what the questions ask about.
+Stage 2 (optional, off by default): captions only. Stage 3: projector + LM (vision tower at a third of the
+learning rate) on ShapesMME questions with the lmms-eval MME prompt, one question per sequence placed before
+the image (the toy chat template), four questions per image, 5% captions.
+
+What we learnt getting here (kept so nobody repeats it): with the image first and several QA turns per
+sequence, and after a caption-only stage, a 4-layer LM from scratch stayed at chance on yes/no for 500+ steps
+and could not even overfit 16 fixed examples; a fresh model at lr 3e-4 with the question first memorises
+them in 80 steps. lr 1e-3 was too high. Seeds for train (1000+),
+validation (2000) and test (3000, never used here) differ.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .processor import build_llava_processor, build_qwen_processor
+from .shapes import ShapesGenerator
+
+POST_PROMPT = "\nAnswer the question using a single word or phrase."
+IMAGE_SIZE, PATCH = 112, 8  # LLaVA: 14x14 = 196 visual tokens; Qwen2-VL: patch 4, merge 2 -> 196 tokens
+QWEN_PATCH = 4
+TRAIN_SEED, VAL_SEED = 1000, 2000
+
+
+def toy_llava_config(tok):
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+
+    vision = CLIPVisionConfig(image_size=IMAGE_SIZE, patch_size=PATCH, hidden_size=128, intermediate_size=512,
+                              num_hidden_layers=4, num_attention_heads=4, projection_dim=128)
+    text = LlamaConfig(vocab_size=len(tok), hidden_size=192, intermediate_size=512, num_hidden_layers=4,
+                       num_attention_heads=6, num_key_value_heads=3, max_position_embeddings=1024,
+                       pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                       tie_word_embeddings=True)
+    return LlavaConfig(vision_config=vision, text_config=text, image_token_id=tok.convert_tokens_to_ids("<image>"),
+                       vision_feature_layer=-2, vision_feature_select_strategy="default", tie_word_embeddings=True)
+
+
+def toy_qwen_config(tok):
+    from transformers import Qwen2VLConfig
+
+    vision = dict(depth=4, embed_dim=128, hidden_size=192, num_heads=4, mlp_ratio=4, patch_size=QWEN_PATCH,
+                  spatial_merge_size=2, temporal_patch_size=2)
+    text = dict(vocab_size=len(tok), hidden_size=192, intermediate_size=512, num_hidden_layers=4,
+                num_attention_heads=6, num_key_value_heads=3, max_position_embeddings=1024,
+                rope_parameters={"rope_type": "default", "rope_theta": 1e4, "mrope_section": [4, 6, 6]},
+                pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                tie_word_embeddings=True)
+    ids = {t: tok.convert_tokens_to_ids(t) for t in ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")}
+    return Qwen2VLConfig(vision_config=vision, text_config=text, image_token_id=ids["<|image_pad|>"],
+                         video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
+                         vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=True)
+
+
+class Family:
+    """What differs between the toy families: model class, processor, image segment, extra inputs."""
+
+    def __init__(self, name: str):
+        self.name = name
+        if name == "llava":
+            self.proc = build_llava_processor(IMAGE_SIZE, PATCH)
+        elif name == "qwen2-vl":
+            self.proc = build_qwen_processor(IMAGE_SIZE, QWEN_PATCH)
+        else:
+            raise ValueError(f"family must be 'llava' or 'qwen2-vl'; got {name!r}")
+        self.tok = self.proc.tokenizer
+        self.n_image = (IMAGE_SIZE // PATCH) ** 2
+
+    def new_model(self):
+        if self.name == "llava":
+            from transformers import LlavaForConditionalGeneration
+            return LlavaForConditionalGeneration(toy_llava_config(self.tok))
+        from transformers import Qwen2VLForConditionalGeneration
+        return Qwen2VLForConditionalGeneration(toy_qwen_config(self.tok))
+
+    def load(self, path):
+        from transformers import AutoModelForImageTextToText
+        return AutoModelForImageTextToText.from_pretrained(path)
+
+    def image_segment(self, model) -> list[int]:
+        if self.name == "llava":
+            return [model.config.image_token_id] * self.n_image
+        c = model.config
+        return [c.vision_start_token_id] + [c.image_token_id] * self.n_image + [c.vision_end_token_id]
+
+    def pixels(self, images) -> dict:
+        out = self.proc.image_processor(images, return_tensors="pt")
+        return {k: out[k] for k in ("pixel_values", "image_grid_thw") if k in out}
+
+    def extra(self, model, ids: torch.Tensor) -> dict:
+        if self.name == "llava":
+            return {}
+        return {"mm_token_type_ids": (ids == model.config.image_token_id).long()}
+
+    def image_embedding(self, model, pix: dict) -> torch.Tensor:
+        """One vector per image for contrastive pre-training."""
+        if self.name == "llava":
+            return model.model.vision_tower(pix["pixel_values"]).pooler_output
+        out = model.model.visual(pix["pixel_values"], grid_thw=pix["image_grid_thw"]).pooler_output
+        return out.reshape(len(pix["image_grid_thw"]), self.n_image, -1).mean(1)
+
+    def vision_module(self, model):
+        return model.model.vision_tower if self.name == "llava" else model.model.visual
+
+    def vision_prefix(self) -> str:
+        return "model.vision_tower." if self.name == "llava" else "model.visual."
+
+
+class CaptionEncoder(nn.Module):
+    """A 2-layer transformer over caption words, mean-pooled (stage 1 only; not shipped)."""
+
+    def __init__(self, vocab: int, dim: int = 128):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, dim)
+        self.pos = nn.Parameter(torch.zeros(64, dim))
+        layer = nn.TransformerEncoderLayer(dim, 4, 4 * dim, batch_first=True, dropout=0.0)
+        self.enc = nn.TransformerEncoder(layer, 2)
+        self.proj = nn.Linear(dim, 128)
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        x = self.emb(ids) + self.pos[: ids.shape[1]]
+        x = self.enc(x, src_key_padding_mask=~mask.bool())
+        x = (x * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+        return self.proj(x)
+
+
+def _lr(step: int, total: int, base: float, warmup: int = 100) -> float:
+    if step < warmup:
+        return base * (step + 1) / warmup
+    return base * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+
+
+def patch_labels(scene, canvas: int, grid: int) -> torch.Tensor:
+    """(3, grid*grid) per-patch targets: colour (0 = none), shape (0 = none), digit (0 = none, 1 + digit).
+
+    A patch gets an object's labels when the object covers at least 20% of it (masks drawn with PIL)."""
+    from PIL import Image, ImageDraw
+
+    from .shapes import COLORS, SHAPES, _draw
+
+    cell = canvas // grid
+    out = torch.zeros(3, grid * grid, dtype=torch.long)
+    colors, shapes = list(COLORS), list(SHAPES)
+    for o in scene.objects:
+        mask = Image.new("L", (canvas, canvas), 0)
+        _draw(ImageDraw.Draw(mask), type(o)(o.shape, o.color, o.size, o.box), fill=255)
+        cover = torch.tensor(list(mask.getdata()), dtype=torch.float).view(grid, cell, grid, cell).mean((1, 3)) / 255
+        hit = (cover.flatten() > 0.2)
+        out[0, hit] = colors.index(o.color) + 1
+        out[1, hit] = shapes.index(o.shape) + 1
+    if scene.digit is not None and scene.digit_box is not None:
+        x0, y0, x1, y1 = scene.digit_box
+        cover = torch.zeros(canvas, canvas)
+        cover[y0:y1, x0:x1] = 1
+        hit = cover.view(grid, cell, grid, cell).mean((1, 3)).flatten() > 0.2
+        out[2, hit] = int(scene.digit) + 1
+    return out
+
+
+def stage1(model, fam: Family, minutes: float, batch: int, log) -> None:
+    from open_clip.loss import ClipLoss
+
+    tok = fam.tok
+    gen = ShapesGenerator(TRAIN_SEED)
+    vt = fam.vision_module(model)
+    img_proj = nn.LazyLinear(128)
+    with torch.no_grad():
+        fam.image_embedding(model, fam.pixels([gen.training_sample()[0]]))
+        img_proj(torch.zeros(1, 192 if fam.name != "llava" else 128))
+    txt = CaptionEncoder(len(tok))
+    loss_fn = ClipLoss()
+    logit_scale = nn.Parameter(torch.tensor(math.log(10.0)))
+    dense = fam.name == "llava"  # dense per-patch heads on the features the projector sees
+    width = model.config.vision_config.hidden_size
+    heads = nn.ModuleList([nn.Linear(width, 6), nn.Linear(width, 5), nn.Linear(width, 11)])
+    params = (list(vt.parameters()) + list(img_proj.parameters()) + list(txt.parameters()) + [logit_scale]
+              + (list(heads.parameters()) if dense else []))
+    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.05)
+    est = int(minutes * 60 / 0.9)  # rough steps for the schedule; the clock decides when to stop
+    t0, step = time.time(), 0
+    while time.time() - t0 < minutes * 60:
+        samples = [gen.training_sample() for _ in range(batch)]
+        pix = fam.pixels([s[0] for s in samples])
+        caps = tok([ShapesGenerator.caption(s[1]) for s in samples], return_tensors="pt", padding=True)
+        for g in opt.param_groups:
+            g["lr"] = _lr(step, est, 1e-3)
+        if dense:
+            out = vt(pix["pixel_values"], output_hidden_states=True)
+            img = F.normalize(img_proj(out.pooler_output), dim=-1)
+            feats = out.hidden_states[model.config.vision_feature_layer][:, 1:]  # (B, N, width)
+            grid = IMAGE_SIZE // PATCH
+            target = torch.stack([patch_labels(sc, IMAGE_SIZE, grid) for _, sc in samples])  # (B, 3, N)
+            aux = sum(F.cross_entropy(h(feats).flatten(0, 1), target[:, i].flatten()) for i, h in enumerate(heads))
+        else:
+            img = F.normalize(img_proj(fam.image_embedding(model, pix)), dim=-1)
+            aux = torch.zeros(())
+        t = F.normalize(txt(caps["input_ids"], caps["attention_mask"]), dim=-1)
+        loss = loss_fn(img, t, logit_scale.exp().clamp(max=100)) + aux
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        if step % 25 == 0:
+            log(f"stage1 step {step} loss {loss.item():.3f} dense {aux.item():.3f} ({time.time() - t0:.0f}s)")
+        step += 1
+
+
+def encode_dialogue(tok, image_segment: list[int], qa: list[tuple[str, str]], caption: str | None,
+                    question_first: bool = False):
+    """Token ids and labels (answers only) for one multi-turn sample.
+
+    ``question_first``: one question per sequence, placed before the image (the toy chat template's layout)."""
+    ids, labels = [], []
+
+    def add(text: str, learn: bool):
+        t = tok(text, add_special_tokens=False)["input_ids"]
+        ids.extend(t)
+        labels.extend(t if learn else [-100] * len(t))
+
+    if question_first:
+        q, a = (("Describe the image.", caption) if caption else (qa[0][0] + POST_PROMPT, qa[0][1]))
+        add("USER: " + q, False)
+        ids.extend(image_segment)
+        labels.extend([-100] * len(image_segment))
+        add(" ASSISTANT:", False)
+        add(" " + a, True)
+        ids.append(tok.eos_token_id)
+        labels.append(tok.eos_token_id)
+        return ids, labels
+
+    add("USER:", False)
+    ids.extend(image_segment)
+    labels.extend([-100] * len(image_segment))
+    turns = [("Describe the image.", caption)] if caption else []
+    turns += [(q + POST_PROMPT, a) for q, a in qa]
+    for i, (q, a) in enumerate(turns):
+        add(("" if i == 0 else "USER: ") + q + " ASSISTANT:", False)
+        add(" " + a, True)
+        ids.append(tok.eos_token_id)
+        labels.append(tok.eos_token_id)
+    return ids, labels
+
+
+def batch_from(samples, fam: Family, model, caption_p, rng, question_first: bool = False):
+    tok = fam.tok
+    rows = []
+    segment = fam.image_segment(model)
+    if question_first:  # one (image, question) per row; each image's questions become separate rows
+        samples = [(img, type(scene)(scene.objects, scene.digit, scene.digit_box, [qa]))
+                   for img, scene in samples for qa in (scene.qa or [None])]
+        samples = [(img, sc) if sc.qa != [None] else (img, type(sc)(sc.objects, sc.digit, sc.digit_box, []))
+                   for img, sc in samples]
+    for img, scene in samples:
+        cap = ShapesGenerator.caption(scene) if (rng.random() < caption_p or not scene.qa) else None
+        rows.append(encode_dialogue(tok, segment, scene.qa, cap, question_first))
+    width = max(len(r[0]) for r in rows)
+    ids = torch.full((len(rows), width), tok.pad_token_id)
+    lab = torch.full((len(rows), width), -100)
+    am = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, (a, b) in enumerate(rows):  # right padding for training
+        ids[i, : len(a)] = torch.tensor(a)
+        lab[i, : len(b)] = torch.tensor(b)
+        am[i, : len(a)] = 1
+    inputs = {"input_ids": ids, "attention_mask": am, **fam.pixels([s[0] for s in samples]), **fam.extra(model, ids)}
+    return inputs, lab
+
+
+@torch.no_grad()
+def quick_accuracy(model, proc, n_images: int = 60, seed: int = VAL_SEED) -> float:
+    """Validation accuracy from the first answer token (yes/no), MME prompt, no compression."""
+    from .shapes import CATEGORIES
+
+    tok = proc.tokenizer
+    gen = ShapesGenerator(seed)
+    yes, no = tok.convert_tokens_to_ids("yes"), tok.convert_tokens_to_ids("no")
+    correct = total = 0
+    model.eval()
+    for i in range(n_images):
+        img, scene = gen.sample(CATEGORIES[i % len(CATEGORIES)])
+        for q, a in scene.qa:
+            conv = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q + POST_PROMPT}]}]
+            enc = proc(images=[img], text=[proc.apply_chat_template(conv, add_generation_prompt=True)], return_tensors="pt")
+            logits = model(**enc).logits[0, -1]
+            pred = "Yes" if logits[yes] > logits[no] else "No"
+            correct += pred == a
+            total += 1
+    model.train()
+    return correct / total
+
+
+def language_stage(model, fam: Family, minutes: float, batch: int, log, name: str, caption_p: float, vision_lr: float,
+                   seed: int, val_every: int = 100, only_captions: bool = False, question_first: bool = False,
+                   qa_per_image: int = 6, lr: float = 3e-4):
+    """Train projector + LM (and the vision tower at ``vision_lr``, 0 = frozen) on captions and/or VQA."""
+    gen = ShapesGenerator(seed)
+    rng = random.Random(seed)
+    proc = fam.proc
+    vision = list(fam.vision_module(model).parameters())
+    for p in vision:
+        p.requires_grad_(vision_lr > 0)
+    others = [p for n, p in model.named_parameters() if not n.startswith(fam.vision_prefix())]
+    groups = [{"params": others, "base": lr}] + ([{"params": vision, "base": vision_lr}] if vision_lr > 0 else [])
+    opt = torch.optim.AdamW(groups, weight_decay=0.01)
+    est = int(minutes * 60 / 1.3)
+    t0, step, best = time.time(), 0, (-1.0, None)
+    model.train()
+    while time.time() - t0 < minutes * 60:
+        n_img = batch if not question_first or only_captions else max(1, batch // qa_per_image)
+        samples = [gen.training_sample(max_questions=qa_per_image) for _ in range(n_img)]
+        if only_captions:
+            for _, sc in samples:
+                sc.qa = []
+        inputs, lab = batch_from(samples, fam, model, caption_p, rng, question_first)
+        for g in opt.param_groups:
+            g["lr"] = _lr(step, est, g["base"])
+        loss = model(**inputs, labels=lab).loss
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if step % 25 == 0:
+            log(f"{name} step {step} loss {loss.item():.4f} ({time.time() - t0:.0f}s)")
+        if val_every and step and step % val_every == 0:
+            acc = quick_accuracy(model, proc)
+            log(f"{name} step {step} val acc {acc:.3f}")
+            if acc > best[0]:
+                best = (acc, {k: v.detach().clone() for k, v in model.state_dict().items()})
+        step += 1
+    for p in vision:
+        p.requires_grad_(True)
+    if not val_every:
+        return None
+    acc = quick_accuracy(model, proc)
+    log(f"{name} final val acc {acc:.3f}")
+    if best[1] is not None and best[0] > acc:
+        model.load_state_dict(best[1])
+        acc = best[0]
+    return acc
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--family", default="llava", choices=["llava", "qwen2-vl"])
+    ap.add_argument("--out", help="output folder (default: vtc/zoo/checkpoints/toy-<family>)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--stage1-minutes", type=float, default=6)
+    ap.add_argument("--stage2-minutes", type=float, default=0, help="caption-only alignment (0: skip)")
+    ap.add_argument("--stage3-minutes", type=float, default=32)
+    ap.add_argument("--lr", type=float, default=3e-4)
+    ap.add_argument("--resume", help="a stage checkpoint folder (runs/.../stage1 or stage2) to start from")
+    ap.add_argument("--start-stage", type=int, default=1, help="first stage to run (with --resume)")
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    random.seed(args.seed)
+    out = Path(args.out or Path(__file__).parent / "checkpoints" / f"toy-{args.family}")
+    out.mkdir(parents=True, exist_ok=True)
+    logf = open(out / "train_log.txt", "w")
+
+    def log(msg: str) -> None:
+        print(msg, flush=True)
+        logf.write(msg + "\n")
+        logf.flush()
+
+    fam = Family(args.family)
+    proc = fam.proc
+    model = fam.load(args.resume) if args.resume else fam.new_model()
+    model.set_attn_implementation("sdpa")
+    model.train()
+    log(f"params: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M")
+    t0 = time.time()
+    if args.start_stage <= 1:
+        stage1(model, fam, args.stage1_minutes, 64, log)
+        model.save_pretrained(out / "stage1")
+    if args.start_stage <= 2 and args.stage2_minutes > 0:
+        language_stage(model, fam, args.stage2_minutes, args.batch, log, "stage2", caption_p=1.0, vision_lr=0.0,
+                       seed=TRAIN_SEED + 1, val_every=0, only_captions=True)
+        model.save_pretrained(out / "stage2")
+    acc = language_stage(model, fam, args.stage3_minutes, args.batch, log, "stage3", caption_p=0.05,
+                         vision_lr=args.lr / 3, seed=TRAIN_SEED + 2, question_first=True, qa_per_image=4, lr=args.lr)
+    model.eval()
+    model.generation_config.pad_token_id = proc.tokenizer.pad_token_id
+    model.generation_config.eos_token_id = proc.tokenizer.eos_token_id
+    model.generation_config.do_sample = False
+    model.save_pretrained(out)
+    proc.save_pretrained(out)
+    (out / "training.json").write_text(json.dumps({
+        "family": args.family, "seed": args.seed, "train_seed": TRAIN_SEED, "val_seed": VAL_SEED, "minutes": (time.time() - t0) / 60,
+        "stage1_minutes": args.stage1_minutes, "stage2_minutes": args.stage2_minutes,
+        "stage3_minutes": args.stage3_minutes, "batch": args.batch, "start_stage": args.start_stage,
+        "val_first_token_accuracy": acc, "threads": args.threads,
+    }, indent=2))
+    log(f"saved to {out} (val acc {acc:.3f}, {(time.time() - t0) / 60:.1f} min)")
+
+
+if __name__ == "__main__":
+    main()
