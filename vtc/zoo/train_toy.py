@@ -11,10 +11,14 @@ Stage 2 (optional, off by default): captions only. Stage 3: projector + LM (visi
 learning rate) on ShapesMME questions with the lmms-eval MME prompt, one question per sequence placed before
 the image (the toy chat template), four questions per image, 5% captions.
 
-What we learnt getting here (kept so nobody repeats it): with the image first and several QA turns per
+What we learnt getting here (kept so nobody repeats it; the target, >= 85% on ShapesMME test, is NOT reached yet): with the image first and several QA turns per
 sequence, and after a caption-only stage, a 4-layer LM from scratch stayed at chance on yes/no for 500+ steps
 and could not even overfit 16 fixed examples; a fresh model at lr 3e-4 with the question first memorises
-them in 80 steps. lr 1e-3 was too high. Seeds for train (1000+),
+them in 80 steps. lr 1e-3 was too high. But generalisation still fails: question-first VQA from the
+contrastive+dense stage-1 tower stays at exactly 50% validation accuracy for 400+ steps (constant answers);
+a fresh model learns "is the image red?" on solid-colour images in 20 steps, yet existence questions on
+ShapesMME stay at chance with 196 or 49 visual tokens and with or without gradient clipping. The bottleneck is
+the from-scratch LM learning content-addressed lookup over the visual tokens in ~1000 steps. Seeds for train (1000+),
 validation (2000) and test (3000, never used here) differ.
 """
 from __future__ import annotations
