@@ -46,4 +46,22 @@ def default_model(device: str = "cpu") -> tuple[Any, Any, str]:
     return model.to(device), proc, "tiny RANDOM-WEIGHT LLaVA (no toy checkpoint found): answers are meaningless"
 
 
+def default_video_model(device: str = "cpu") -> tuple[Any, Any, str]:
+    """The bundled toy Qwen2-VL if present, else a tiny random-weight Qwen2-VL (the label says which)."""
+    if (TOY_QWEN / "config.json").exists():
+        model, proc = load_model(TOY_QWEN, device)
+        return model, proc, f"bundled toy Qwen2-VL ({TOY_QWEN.name})"
+    from transformers import Qwen2VLForConditionalGeneration
+
+    from .processor import build_qwen_processor
+    from .train_toy import toy_qwen_config
+
+    proc = build_qwen_processor(112, 4)
+    torch.manual_seed(0)
+    model = Qwen2VLForConditionalGeneration(toy_qwen_config(proc.tokenizer)).eval()
+    model.generation_config.eos_token_id = proc.tokenizer.eos_token_id
+    model.generation_config.pad_token_id = proc.tokenizer.pad_token_id
+    return model.to(device), proc, "tiny RANDOM-WEIGHT Qwen2-VL (no toy video checkpoint found): answers are meaningless"
+
+
 load_llava = load_model  # backwards-compatible name

@@ -7,13 +7,6 @@ from .shapes import COLORS, NUMBERS, SHAPES, SIZES, plural
 
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
 IMAGE_TOKEN = "<image>"
-CHAT_TEMPLATE_IMAGE_FIRST = (
-    "{% for message in messages %}{% if message['role'] == 'user' %}USER: "
-    "{% for c in message['content'] %}{% if c['type'] == 'image' %}<image>\n{% endif %}{% endfor %}"
-    "{% for c in message['content'] %}{% if c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %} "
-    "{% else %}ASSISTANT: {% for c in message['content'] %}{% if c['type'] == 'text' %}{{ c['text'] }}{% endif %}"
-    "{% endfor %}</s>{% endif %}{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
-)
 # The toy models put the question before the image ("USER: question <image> ASSISTANT:"): image tokens can
 # then attend to the question, which lets a 4-layer model learn question-conditioned lookups quickly.
 CHAT_TEMPLATE = (
@@ -74,11 +67,11 @@ def build_llava_processor(image_size: int, patch_size: int):
 
 
 QWEN_SPECIALS = ["<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>"]
-QWEN_CHAT_TEMPLATE_IMAGE_FIRST = (
+QWEN_CHAT_TEMPLATE = (  # question first, like the toy LLaVA template (see CHAT_TEMPLATE)
     "{% for message in messages %}{% if message['role'] == 'user' %}USER: "
-    "{% for c in message['content'] %}{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>\n"
-    "{% elif c['type'] == 'video' %}<|vision_start|><|video_pad|><|vision_end|>\n{% endif %}{% endfor %}"
-    "{% for c in message['content'] %}{% if c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %} "
+    "{% for c in message['content'] %}{% if c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}"
+    "{% for c in message['content'] %}{% if c['type'] == 'image' %} <|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif c['type'] == 'video' %} <|vision_start|><|video_pad|><|vision_end|>{% endif %}{% endfor %} "
     "{% else %}ASSISTANT: {% for c in message['content'] %}{% if c['type'] == 'text' %}{{ c['text'] }}{% endif %}"
     "{% endfor %}</s>{% endif %}{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
 )
