@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
 import vtc
+from _common import generate_and_report
 from vtc.video import load_video, write_video
 from vtc.zoo.models import default_video_model, load_model
 
@@ -60,22 +60,7 @@ def main() -> None:
     prompt = processor.apply_chat_template(conv, add_generation_prompt=True)
     inputs = processor(text=[prompt], videos=[list(frames)], return_tensors="pt").to(args.device)
 
-    p = None
-    if args.method != "none":
-        ratio = args.ratio if args.ratio is not None or args.tokens is not None else 0.25
-        p = vtc.patch(model, args.method, ratio=ratio, tokens=args.tokens)
-    t0 = time.perf_counter()
-    with torch.inference_mode():
-        out = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)
-    dt = time.perf_counter() - t0
-    answer = processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)[0].strip()
-    print(f"question: {args.question}\nanswer: {answer}")
-    if p is not None:
-        st = p.stats[0]
-        print(f"visual tokens: {st.tokens_before[0]} -> {st.tokens_after[0]} kept ({p.method.describe()}); "
-              f"generate {dt:.2f} s")
-    else:
-        print(f"visual tokens: uncompressed; generate {dt:.2f} s")
+    generate_and_report(model, processor, inputs, args)
 
 
 if __name__ == "__main__":

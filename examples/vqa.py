@@ -8,12 +8,12 @@ Without --model it runs the bundled toy LLaVA offline; without --image it draws 
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 from PIL import Image, ImageDraw
 
 import vtc
+from _common import generate_and_report
 from vtc.zoo.models import default_model, load_model
 
 
@@ -72,27 +72,12 @@ def main() -> None:
     if "pixel_values" in inputs and args.device == "cuda":
         inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
 
-    p = None
-    if args.method != "none":
-        ratio = args.ratio if args.ratio is not None or args.tokens is not None else 0.25
-        p = vtc.patch(model, args.method, ratio=ratio, tokens=args.tokens)
-    t0 = time.perf_counter()
-    with torch.inference_mode():
-        out = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)
-    dt = time.perf_counter() - t0
-    answer = processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)[0].strip()
-    print(f"question: {args.question}")
-    print(f"answer: {answer}")
+    p = generate_and_report(model, processor, inputs, args)
     if p is not None:
-        st = p.stats[0]
-        print(f"visual tokens: {st.tokens_before[0]} -> {st.tokens_after[0]} kept ({p.method.describe()}); "
-              f"compression overhead {st.seconds * 1e3:.1f} ms; generate {dt:.2f} s")
         if args.save_overlay:
             side = inputs["pixel_values"].shape[-1]
             overlay(image, p.last_kept()[0], side, args.save_overlay)
             print(f"overlay: {args.save_overlay}")
-    else:
-        print(f"visual tokens: uncompressed; generate {dt:.2f} s")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ import vtc
 from vtc.core.merge import bipartite_merge, merge_to
 from vtc.core.scores import pagerank_importance
 from vtc.methods import AIM, ClsPruning, Compose, FastV
-from vtc.zoo.tiny import left_pad, llava_prompt
+from vtc.zoo.tiny import llava_prompt
 
 from conftest import N_TOKENS, greedy
 

@@ -96,8 +96,7 @@ def test_direct_forward_matches_hand_built_reference(make_llava, llava_batch):
     with torch.no_grad():
         vt = base.vision_tower(b["pixel_values"], output_attentions=False, output_hidden_states=True)
         feats = base.multi_modal_projector(vt.hidden_states[-2][:, 1:])
-    keep_idx = [torch.arange(0, N_TOKENS, 4), torch.arange(0, N_TOKENS, 4)]  # uniform keeps 2,6,... check below
-    p = vtc.patch(m, "uniform", ratio=0.25)
+    vtc.patch(m, "uniform", ratio=0.25)
     with torch.no_grad():
         out = m(input_ids=b["input_ids"], attention_mask=b["attention_mask"], pixel_values=b["pixel_values"])
     assert out.logits.shape[:2] == b["input_ids"].shape  # logits stay aligned with input_ids

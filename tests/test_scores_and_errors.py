@@ -2,7 +2,6 @@ import pytest
 import torch
 
 import vtc
-from vtc.zoo.tiny import tiny_llava
 
 from conftest import greedy
 
@@ -113,7 +112,6 @@ def test_error_cls_without_cls_token_and_nothing_half_patched(make_llava):
 
 
 def test_failure_during_install_leaves_model_clean(make_llava, monkeypatch):
-    from vtc.adapters.llava import LlavaAdapter
     m = make_llava()
 
     def boom(self, add):  # fail after the vision hooks are in

@@ -5,7 +5,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 import vtc
 from vtc.eval.mme_data import load_mme, write_shapes_mme

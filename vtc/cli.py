@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
                           "categories": {c: round(v["score"], 2) for c, v in s["categories"].items()}}, indent=1))
         return 0
     out = args.out or "runs/sweep"
-    rows = sweep(model, proc, recs, out, methods=args.methods.split(","), ratios=[float(x) for x in args.ratios.split(",")],
+    sweep(model, proc, recs, out, methods=args.methods.split(","), ratios=[float(x) for x in args.ratios.split(",")],
                  batch_size=args.batch_size, progress=not args.quiet, config=cfg)
     print(f"model: {label}")
     print((Path(out) / "table.md").read_text())
