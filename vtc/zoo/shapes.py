@@ -90,6 +90,15 @@ class ShapesGenerator:
         self.rng = random.Random(seed)
         self.canvas = canvas
         self.font = ImageFont.load_default(size=font_size or max(12, canvas // 5))
+        self.set_difficulty(1.0)
+
+    def set_difficulty(self, d: float) -> None:
+        """Training curriculum knob in [0, 1]: 1 is the benchmark's distribution (tests always use 1); lower
+        values draw fewer, larger objects (from one object up to five, sizes up to 2x)."""
+        self.difficulty = max(0.0, min(1.0, d))
+        self.max_objects = 1 + round(4 * self.difficulty)
+        self.size_scale = 2.0 - self.difficulty
+        self.small_ok = self.difficulty >= 0.5
 
     # ---------------------------------------------------------------- scenes
     def scene(self, n_objects: int | None = None, digit: bool | None = None, forced: list[tuple[str, str, str]] | None = None) -> Scene:
@@ -108,11 +117,14 @@ class ShapesGenerator:
             else:
                 digit_txt = None
         specs = list(forced or [])
-        n = n_objects if n_objects is not None else rng.randint(2, 5)
+        n = n_objects if n_objects is not None else rng.randint(min(2, self.max_objects), self.max_objects)
         while len(specs) < n:
             specs.append((rng.choice(SHAPES), rng.choice(list(COLORS)), rng.choice(list(SIZES))))
         for shape, color, size in specs:
+            if not self.small_ok:
+                size = "large"
             lo, hi = SIZES[size]
+            lo, hi = int(lo * self.size_scale), int(hi * self.size_scale)
             box = _place(rng, rng.randint(lo, hi), self.canvas, boxes)
             if box is None:
                 continue
@@ -196,7 +208,8 @@ class ShapesGenerator:
                 scene.qa = [(f"Are there {NUMBERS[n]} {plural(shape)} in the image?", "Yes"),
                             (f"Are there {NUMBERS[wrong]} {plural(shape)} in the image?", "No")]
             else:
-                scene = self.scene(digit=True if category == "OCR" else None)
+                n = self.rng.randint(2, max(2, self.max_objects)) if category == "position" else None
+                scene = self.scene(n_objects=n, digit=True if category == "OCR" else None)
                 qa = self.questions(scene, category)
                 if qa is None:
                     continue

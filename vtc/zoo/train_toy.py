@@ -310,7 +310,7 @@ def quick_accuracy(model, proc, n_images: int = 60, seed: int = VAL_SEED) -> flo
 
 def language_stage(model, fam: Family, minutes: float, batch: int, log, name: str, caption_p: float, vision_lr: float,
                    seed: int, val_every: int = 100, only_captions: bool = False, question_first: bool = False,
-                   qa_per_image: int = 6, lr: float = 3e-4):
+                   qa_per_image: int = 6, lr: float = 3e-4, curriculum: float = 0.0):
     """Train projector + LM (and the vision tower at ``vision_lr``, 0 = frozen) on captions and/or VQA."""
     gen = ShapesGenerator(seed)
     rng = random.Random(seed)
@@ -325,6 +325,8 @@ def language_stage(model, fam: Family, minutes: float, batch: int, log, name: st
     t0, step, best = time.time(), 0, (-1.0, None)
     model.train()
     while time.time() - t0 < minutes * 60:
+        if curriculum > 0:  # difficulty 0 -> 1 over the first `curriculum` fraction of the stage
+            gen.set_difficulty((time.time() - t0) / (curriculum * minutes * 60))
         n_img = batch if not question_first or only_captions else max(1, batch // qa_per_image)
         samples = [gen.training_sample(max_questions=qa_per_image) for _ in range(n_img)]
         if only_captions:
@@ -367,6 +369,8 @@ def main() -> None:
     ap.add_argument("--stage2-minutes", type=float, default=0, help="caption-only alignment (0: skip)")
     ap.add_argument("--stage3-minutes", type=float, default=32)
     ap.add_argument("--lr", type=float, default=3e-4)
+    ap.add_argument("--curriculum", type=float, default=0.6,
+                    help="fraction of the VQA stage over which scenes grow from one large object to the full set")
     ap.add_argument("--resume", help="a stage checkpoint folder (runs/.../stage1 or stage2) to start from")
     ap.add_argument("--start-stage", type=int, default=1, help="first stage to run (with --resume)")
     ap.add_argument("--batch", type=int, default=16)
@@ -399,7 +403,8 @@ def main() -> None:
                        seed=TRAIN_SEED + 1, val_every=0, only_captions=True)
         model.save_pretrained(out / "stage2")
     acc = language_stage(model, fam, args.stage3_minutes, args.batch, log, "stage3", caption_p=0.05,
-                         vision_lr=args.lr / 3, seed=TRAIN_SEED + 2, question_first=True, qa_per_image=4, lr=args.lr)
+                         vision_lr=args.lr / 3, seed=TRAIN_SEED + 2, question_first=True, qa_per_image=4, lr=args.lr,
+                         curriculum=args.curriculum)
     model.eval()
     model.generation_config.pad_token_id = proc.tokenizer.pad_token_id
     model.generation_config.eos_token_id = proc.tokenizer.eos_token_id
