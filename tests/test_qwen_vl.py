@@ -5,7 +5,7 @@ import torch
 import vtc
 from vtc.zoo.tiny import qwen_inputs, tiny_qwen_vl
 
-VERSIONS = ["2", "2.5"]
+VERSIONS = ["2", "2.5", "3"]
 METHODS = [("cls", dict(ratio=0.25)), ("random", dict(ratio=0.25)), ("uniform", dict(ratio=0.25)),
            ("pool", dict(ratio=0.25)), ("fastv", dict(ratio=0.5)), ("aim", dict(ratio=0.5, l1=1, l2=3))]
 GRIDS = [(1, 8, 8), (1, 8, 16)]  # 16 and 32 visual tokens: rows keep different counts
@@ -139,3 +139,10 @@ def test_qwen25_planted_token_is_kept_despite_window_order():
 def test_cls_score_cls_refused_on_qwen():
     with pytest.raises(ValueError, match="needs a vision tower with a CLS token"):
         vtc.patch(tiny_qwen_vl("2"), "cls", ratio=0.5, score="cls")
+
+
+def test_qwen3_in_llm_pruning_must_follow_deepstack_layers():
+    m = tiny_qwen_vl("3", text_layers=4)
+    with pytest.raises(ValueError, match="must start after the 1 deepstack layer"):
+        vtc.patch(m, "aim", l1=0, l2=3)
+    assert vtc.get_patch(m) is None and "get_image_features" not in m.model.__dict__

@@ -128,6 +128,13 @@ class LLMInputPruner:
             pos = torch.arange(length, device=embeds.device).unsqueeze(0)
         out["position_ids"] = gather_positions(pos, index)
 
+        vpm = kwargs.get("visual_pos_masks")  # Qwen3-VL deepstack: per-visual-token embeddings added in early layers
+        if vpm is not None:
+            keep_flat = keep.to(vpm.device)[vpm]
+            out["visual_pos_masks"] = vpm.gather(1, index.to(vpm.device)) & valid.to(vpm.device)
+            if kwargs.get("deepstack_visual_embeds") is not None:
+                out["deepstack_visual_embeds"] = [d[keep_flat.to(d.device)] for d in kwargs["deepstack_visual_embeds"]]
+
         if cache is not None:
             self._decode[cache] = _DecodeState(mask_kept, length, index.shape[1])
         self._restore = (index, valid, length)

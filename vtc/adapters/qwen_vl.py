@@ -1,4 +1,6 @@
-"""Qwen2-VL and Qwen2.5-VL (images and videos): no CLS token, PatchMerger projector, 3-D M-RoPE positions.
+"""Qwen2-VL, Qwen2.5-VL and Qwen3-VL (images and videos): no CLS token, PatchMerger projector, 3-D M-RoPE
+positions; Qwen3-VL's deepstack inputs (``visual_pos_masks``, ``deepstack_visual_embeds``) are pruned with the
+same keep set at the LM input.
 
 Sites:
 - ``vision``: the method acts on the PatchMerger outputs (one token per 2x2 patch unit, LLM width), per image
@@ -44,8 +46,8 @@ class _Call:
 
 @register_adapter
 class QwenVLAdapter(Adapter):
-    model_classes = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration", "Qwen2VLModel",
-                     "Qwen2_5_VLModel")
+    model_classes = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration",
+                     "Qwen3VLForConditionalGeneration", "Qwen2VLModel", "Qwen2_5_VLModel", "Qwen3VLModel")
     family = "qwen2-vl"
     supported_sites = ("vision", "llm_input", "llm_layer")
 
@@ -56,6 +58,7 @@ class QwenVLAdapter(Adapter):
         self.blocks = self.visual.blocks
         self.unit = self.visual.spatial_merge_size ** 2
         self.windowed = hasattr(self.visual, "fullatt_block_indexes")
+        self.deepstack = len(getattr(self.visual, "deepstack_visual_indexes", None) or [])  # Qwen3-VL
         cfg = self.base.config
         self.image_token_id, self.video_token_id = cfg.image_token_id, cfg.video_token_id
         score_layer = len(self.blocks) - 1
@@ -92,6 +95,9 @@ class QwenVLAdapter(Adapter):
         self.pruner.install(self._hook)
         if "llm_layer" in runtime.method.sites:
             self.layer_pruner = LLMLayerPruner(self.base.language_model, runtime, self.pruner)
+            if self.layer_pruner.plan and min(self.layer_pruner.plan) < self.deepstack:
+                raise ValueError(f"in-LLM pruning must start after the {self.deepstack} deepstack layer(s) of this "
+                                 f"Qwen3-VL; the method prunes after layer {min(self.layer_pruner.plan)}")
             self.layer_pruner.install(self._hook)
 
     def _install_received(self, layer: int) -> None:

@@ -59,7 +59,7 @@ QWEN_IMAGE, QWEN_VIDEO = 100, 101
 
 
 def tiny_qwen_vl(version: str = "2", seed: int = 0, attn: str = "sdpa", text_layers: int = 2):
-    """A tiny Qwen2-VL (``version="2"``) or Qwen2.5-VL (``"2.5"``) with random weights (patch 4, merge 2)."""
+    """A tiny Qwen2-VL (``version="2"``), Qwen2.5-VL (``"2.5"``) or Qwen3-VL (``"3"``), random weights."""
     text = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=text_layers,
                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
                 rope_parameters={"rope_type": "default", "rope_theta": 1e4, "mrope_section": [2, 3, 3]},
@@ -77,8 +77,17 @@ def tiny_qwen_vl(version: str = "2", seed: int = 0, attn: str = "sdpa", text_lay
                       spatial_merge_size=2, temporal_patch_size=2, window_size=16, fullatt_block_indexes=[1])
         cfg = Qwen2_5_VLConfig(vision_config=vision, text_config=text, image_token_id=QWEN_IMAGE,
                                video_token_id=QWEN_VIDEO, vision_start_token_id=102, vision_end_token_id=103)
+    elif version == "3":
+        from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration as Cls
+        vision = dict(depth=2, hidden_size=32, out_hidden_size=64, intermediate_size=64, num_heads=4, patch_size=4,
+                      spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=16,
+                      deepstack_visual_indexes=[0])
+        text = {**text, "head_dim": 16, "rope_parameters": {"rope_type": "default", "rope_theta": 1e4,
+                                                           "mrope_section": [4, 2, 2], "mrope_interleaved": True}}
+        cfg = Qwen3VLConfig(vision_config=vision, text_config=text, image_token_id=QWEN_IMAGE,
+                            video_token_id=QWEN_VIDEO, vision_start_token_id=102, vision_end_token_id=103)
     else:
-        raise ValueError(f"version must be '2' or '2.5'; got {version!r}")
+        raise ValueError(f"version must be '2', '2.5' or '3'; got {version!r}")
     model = Cls(cfg).eval()
     model.set_attn_implementation(attn)
     model.generation_config.pad_token_id = 0
