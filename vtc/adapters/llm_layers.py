@@ -25,7 +25,7 @@ import torch.nn as nn
 from ..core.batch import gather_rows, left_repad_index, scatter_rows
 from ..runtime import Runtime
 from ..sites import LLMLayerInput
-from .llm_input import LLMInputPruner
+from .llm_input import LLMInputPruner, gather_positions
 
 
 @dataclass
@@ -182,13 +182,9 @@ class LLMLayerPruner:
         out["position_embeddings"] = (gather_rows(cos.expand(b, *cos.shape[1:]), ctx.index),
                                       gather_rows(sin.expand(b, *sin.shape[1:]), ctx.index))
         if ctx.position_ids is not None:
-            from .llm_input import gather_positions
             out["position_ids"] = gather_positions(ctx.position_ids, ctx.index)
-        dtype = ctx.cos_sin[0].dtype if self.impl == "eager" else torch.bool
-        hs = kwargs.get("hidden_states")
-        out["attention_mask"] = self._format_mask(self._current_allowed(ctx), torch.float32 if dtype == torch.bool else dtype, ctx.mask_kind)
-        if ctx.mask_kind == "float" and hs is not None:
-            out["attention_mask"] = out["attention_mask"].to(hs.dtype)
+        # additive masks (eager) take the compute dtype, which the rotary tables already have
+        out["attention_mask"] = self._format_mask(self._current_allowed(ctx), cos.dtype, ctx.mask_kind)
         return out
 
     def _rewrite_decode(self, state: tuple[torch.Tensor, torch.Tensor, int], kwargs: dict[str, Any]) -> dict[str, Any]:
