@@ -18,7 +18,8 @@ them in 80 steps. lr 1e-3 was too high. But generalisation still fails: question
 contrastive+dense stage-1 tower stays at exactly 50% validation accuracy for 400+ steps (constant answers);
 a fresh model learns "is the image red?" on solid-colour images in 20 steps, yet existence questions on
 ShapesMME stay at chance with 196 or 49 visual tokens and with or without gradient clipping. The bottleneck is
-the from-scratch LM learning content-addressed lookup over the visual tokens in ~1000 steps. Seeds for train (1000+),
+the from-scratch LM learning content-addressed lookup over the visual tokens in ~1000 steps. A curriculum from
+one large object to the full scenes (``--curriculum``) reached only 52% by step 600. Seeds for train (1000+),
 validation (2000) and test (3000, never used here) differ.
 """
 from __future__ import annotations
