@@ -1,12 +1,35 @@
 """Shared by the example scripts: patch as asked, generate greedily, report what compression did."""
 from __future__ import annotations
 
+import argparse
 import time
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 import vtc
+
+
+def add_compression_args(ap: argparse.ArgumentParser, ratio_help: str) -> None:
+    """The flags both examples share: method, budget, generation length, device."""
+    ap.add_argument("--method", default="cls", help=f"one of {vtc.available_methods()} or 'none'")
+    ap.add_argument("--ratio", type=float, default=None, help=ratio_help)
+    ap.add_argument("--tokens", type=int, default=None, help="visual tokens kept per image / frame group (instead of --ratio)")
+    ap.add_argument("--max-new-tokens", type=int, default=16)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_for_example(args: argparse.Namespace, default: Callable[[str], tuple], cuda_dtype: torch.dtype) -> tuple:
+    """``--model`` if given (in ``cuda_dtype`` on a GPU), else the bundled default; prints which."""
+    from vtc.zoo.models import load_model
+
+    if args.model:
+        model, processor = load_model(args.model, args.device, cuda_dtype if args.device == "cuda" else None)
+        label = args.model
+    else:
+        model, processor, label = default(args.device)
+    print(f"model: {label}")
+    return model, processor
 
 
 def generate_and_report(model: Any, processor: Any, inputs: Any, args: Any) -> "vtc.Patch | None":

@@ -15,10 +15,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import vtc
-from _common import generate_and_report
+from _common import add_compression_args, generate_and_report, load_for_example
 from vtc.video import load_video, write_video
-from vtc.zoo.models import default_video_model, load_model
+from vtc.zoo.models import default_video_model
 
 
 def demo_clip(path: Path, frames: int = 16, side: int = 112) -> Path:
@@ -39,19 +38,10 @@ def main() -> None:
     ap.add_argument("--question", default="Does the square move to the right?")
     ap.add_argument("--frames", type=int, default=32, help="frames sampled uniformly (lmms-eval default 32)")
     ap.add_argument("--fps", type=float, default=None, help="sample by frame rate instead")
-    ap.add_argument("--method", default="cls", help=f"one of {vtc.available_methods()} or 'none'")
-    ap.add_argument("--ratio", type=float, default=None, help="fraction of visual tokens kept per frame group (0.25)")
-    ap.add_argument("--tokens", type=int, default=None)
-    ap.add_argument("--max-new-tokens", type=int, default=16)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_compression_args(ap, "fraction of visual tokens kept per frame group (default 0.25)")
     args = ap.parse_args()
 
-    if args.model:
-        model, processor = load_model(args.model, args.device, torch.bfloat16 if args.device == "cuda" else None)
-        label = args.model
-    else:
-        model, processor, label = default_video_model(args.device)
-    print(f"model: {label}")
+    model, processor = load_for_example(args, default_video_model, torch.bfloat16)
     path = Path(args.video) if args.video else demo_clip(Path(tempfile.mkdtemp()) / "demo.mp4")
     frames, idx, fps = load_video(path, args.frames, args.fps)
     print(f"video: {path} ({fps:.1f} fps); frames used: {len(idx)} {idx}")

@@ -12,9 +12,8 @@ import argparse
 import torch
 from PIL import Image, ImageDraw
 
-import vtc
-from _common import generate_and_report
-from vtc.zoo.models import default_model, load_model
+from _common import add_compression_args, generate_and_report, load_for_example
+from vtc.zoo.models import default_model
 
 
 def overlay(image: Image.Image, keep: torch.Tensor, side: int, out: str) -> None:
@@ -43,21 +42,12 @@ def main() -> None:
     ap.add_argument("--model", help="local llava-hf checkpoint folder (default: bundled toy model)")
     ap.add_argument("--image", help="image path (default: a generated ShapesMME scene)")
     ap.add_argument("--question", default="Is there a red circle in the image?")
-    ap.add_argument("--method", default="cls", help=f"one of {vtc.available_methods()} or 'none'")
-    ap.add_argument("--ratio", type=float, default=None, help="fraction of visual tokens kept (default 0.25)")
-    ap.add_argument("--tokens", type=int, default=None, help="visual tokens kept per image (instead of --ratio)")
-    ap.add_argument("--max-new-tokens", type=int, default=16)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_compression_args(ap, "fraction of visual tokens kept (default 0.25)")
     ap.add_argument("--save-overlay", metavar="PNG", help="write the image with kept patches highlighted")
     ap.add_argument("--seed", type=int, default=0, help="seed of the generated scene")
     args = ap.parse_args()
 
-    if args.model:
-        model, processor = load_model(args.model, args.device, torch.float16 if args.device == "cuda" else None)
-        label = args.model
-    else:
-        model, processor, label = default_model(args.device)
-    print(f"model: {label}")
+    model, processor = load_for_example(args, default_model, torch.float16)
 
     if args.image:
         image = Image.open(args.image).convert("RGB")

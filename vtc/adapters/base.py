@@ -1,8 +1,11 @@
 """Adapter base class and lookup. Adapters are the only code that knows a model family's internals."""
 from __future__ import annotations
 
-from typing import Any, ClassVar
+import weakref
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Iterable, Sequence
 
+import torch
 import torch.nn as nn
 
 from ..runtime import Runtime
@@ -51,6 +54,46 @@ class Adapter:
         self._restore.append((obj, name, obj.__dict__[name] if had else _MISSING))
         setattr(obj, name, value)
 
+    # ----- one forward pass: placeholder masks, then the keep masks of its features, then the LM keep set
+    def _begin_call(self, kwargs: dict[str, Any], masks: dict[str, torch.Tensor]) -> None:
+        """Record the placeholder masks of this forward pass and the keep masks of features that generate()
+        pre-encoded (``mm_encoder_outputs``); features encoded inside forward are added by the wrappers."""
+        call = ForwardCall(masks)
+        enc = kwargs.get("mm_encoder_outputs") or {}
+        for modality in masks:
+            o = enc.get(modality) if isinstance(enc, dict) else None
+            if o is not None and getattr(o, "pooler_output", None) is not None:
+                call.keeps[modality] = self.keeps.lookup(o.pooler_output)
+        self.call = call
+
+    def _end_call(self, module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> None:
+        self.call = None
+
+    def _keep_for_lm(self, lm_kwargs: dict[str, Any]):
+        call = self.call
+        if call is None or not call.masks:
+            return None
+        return compose_keep([(mask, call.keeps.get(m)) for m, mask in call.masks.items()])
+
+    def _install_llm(self, language_model: nn.Module, runtime: Runtime) -> None:
+        """The shared ``llm_input`` rewrite, plus the ``llm_layer`` pruner when the method uses that site."""
+        from .llm_input import LLMInputPruner
+        from .llm_layers import LLMLayerPruner
+
+        self.call: ForwardCall | None = None
+        self.keeps = KeepRegistry()
+        self._hook(self.base.register_forward_hook(self._end_call, with_kwargs=True))
+        self.pruner = LLMInputPruner(language_model, self._keep_for_lm, runtime)
+        self.pruner.install(self._hook)
+        self.layer_pruner = None
+        if "llm_layer" in runtime.method.sites:
+            self.layer_pruner = LLMLayerPruner(language_model, runtime, self.pruner)
+            self.check_layer_plan(self.layer_pruner.plan)
+            self.layer_pruner.install(self._hook)
+
+    def check_layer_plan(self, plan: dict[int, str]) -> None:
+        """Raise ValueError if this family cannot prune after the planned decoder layers."""
+
     def remove(self) -> None:
         for h in reversed(self._handles):
             h.remove()
@@ -64,6 +107,59 @@ class Adapter:
 
 
 _MISSING = object()
+
+
+@dataclass
+class ForwardCall:
+    """One forward pass of the base model: placeholder masks (B, L) and per-feature keep masks, by modality."""
+
+    masks: dict[str, torch.Tensor]
+    keeps: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+
+
+class KeepRegistry:
+    """Per-feature keep masks, found again by the identity of the feature tensors.
+
+    generate() pre-encodes images, then may repeat the same tensor objects for beams, so the identity of each
+    per-image tensor in ``pooler_output`` links the vision site to the LM input."""
+
+    def __init__(self) -> None:
+        self._by_id: dict[int, tuple[weakref.ref, torch.Tensor]] = {}
+
+    def remember(self, feats: Iterable[torch.Tensor], keeps: Sequence[torch.Tensor]) -> None:
+        self._by_id = {i: (r, k) for i, (r, k) in self._by_id.items() if r() is not None}
+        for f, k in zip(feats, keeps):
+            self._by_id[id(f)] = (weakref.ref(f), k)
+
+    def lookup(self, feats: Iterable[torch.Tensor]) -> list[torch.Tensor]:
+        """Keep masks in ``feats`` order; features encoded without vtc (e.g. before patching) keep everything."""
+        out = []
+        for f in feats:
+            e = self._by_id.get(id(f))
+            out.append(e[1] if e is not None and e[0]() is f else torch.ones(f.shape[0], dtype=torch.bool, device=f.device))
+        return out
+
+
+def compose_keep(groups: Sequence[tuple[torch.Tensor, list[torch.Tensor] | None]]):
+    """(keep (B, L), visual (B, L)) from (placeholder mask, per-feature keep masks in scatter order) pairs, or
+    None when a group's masks are missing or disagree with its placeholders (the model's own check reports it).
+    The last position is always kept: it feeds the next-token logits."""
+    visual = groups[0][0].clone()
+    for mask, _ in groups[1:]:
+        visual |= mask
+    keep = ~visual
+    for mask, keeps in groups:
+        n = int(mask.sum())
+        if not n:
+            continue
+        if keeps is None:
+            return None
+        flat = torch.cat(keeps).to(keep.device)
+        if flat.numel() != n:
+            return None
+        keep[mask] = flat
+    keep[:, -1] = True
+    return keep, visual
 
 ADAPTERS: list[type[Adapter]] = []
 

@@ -13,7 +13,6 @@ Keep sets travel from the vision site to the LM through the identity of the per-
 from __future__ import annotations
 
 import functools
-import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,16 +24,6 @@ from ..core.scores import attention_rows, head_mean
 from ..runtime import Runtime
 from ..sites import VisionInfo
 from .base import Adapter, register_adapter
-from .llm_input import LLMInputPruner
-from .llm_layers import LLMLayerPruner
-
-
-@dataclass
-class _Call:
-    """What the base-model forward pre-hook learnt about the current forward pass."""
-
-    visual: torch.Tensor | None  # (B, L) bool placeholder positions
-    keep_list: list[torch.Tensor] | None = None  # per image (N,) bool, in scatter order
 
 
 @dataclass
@@ -90,8 +79,6 @@ class LlavaAdapter(Adapter):
     def install(self, runtime: Runtime) -> None:
         self.rt = runtime
         self.scratch = _VisionScratch()
-        self.call: _Call | None = None
-        self.keep_by_id: dict[int, tuple[weakref.ref, torch.Tensor]] = {}
 
         by_layer: dict[int, set[str]] = {}
         for req in runtime.score_requests():
@@ -110,13 +97,7 @@ class LlavaAdapter(Adapter):
         original = self.base.get_image_features  # bound method; wraps() keeps its signature for generate()
         self._set_instance_attr(self.base, "get_image_features", self._wrap_image_features(original))
         self._hook(self.base.register_forward_pre_hook(self._base_pre, with_kwargs=True))
-        self._hook(self.base.register_forward_hook(self._base_post, with_kwargs=True))
-
-        self.pruner = LLMInputPruner(self.base.language_model, self._keep_for_lm, runtime)
-        self.pruner.install(self._hook)
-        if "llm_layer" in runtime.method.sites:
-            self.layer_pruner = LLMLayerPruner(self.base.language_model, runtime, self.pruner)
-            self.layer_pruner.install(self._hook)
+        self._install_llm(self.base.language_model, runtime)
 
     # ------------------------------------------------------------------ vision site
     def _install_score_hooks(self, layer: int, kinds: list[str]) -> None:
@@ -210,18 +191,12 @@ class LlavaAdapter(Adapter):
             if len(feats) != keep.shape[0] or any(f.shape[0] != keep.shape[1] for f in feats):
                 raise RuntimeError("vtc: unexpected image feature layout from get_image_features")
             keep_list = list(keep.unbind(0))
-            self._remember(feats, keep_list)
+            self.keeps.remember(feats, keep_list)
             if self.call is not None:
-                self.call.keep_list = keep_list
+                self.call.keeps["image"] = keep_list
             return out
 
         return get_image_features
-
-    def _remember(self, feats, keep_list: list[torch.Tensor]) -> None:
-        # drop entries whose tensors are gone, then register these
-        self.keep_by_id = {i: (r, k) for i, (r, k) in self.keep_by_id.items() if r() is not None}
-        for f, k in zip(feats, keep_list):
-            self.keep_by_id[id(f)] = (weakref.ref(f), k)
 
     # ------------------------------------------------------------------ base model
     def _base_pre(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]):
@@ -234,34 +209,5 @@ class LlavaAdapter(Adapter):
             visual = (embeds == token).all(-1)
         else:
             visual = None
-        call = _Call(visual)
-        enc = kwargs.get("mm_encoder_outputs") or {}
-        image_out = enc.get("image") if isinstance(enc, dict) else None
-        if image_out is not None and getattr(image_out, "pooler_output", None) is not None:
-            keep_list = []
-            for f in image_out.pooler_output:
-                entry = self.keep_by_id.get(id(f))
-                if entry is not None and entry[0]() is f:
-                    keep_list.append(entry[1])
-                else:  # encoded without vtc (e.g. before patching): keep everything
-                    keep_list.append(torch.ones(f.shape[0], dtype=torch.bool, device=f.device))
-            call.keep_list = keep_list
-        self.call = call
+        self._begin_call(kwargs, {"image": visual} if visual is not None else {})
         return None
-
-    def _base_post(self, module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any):
-        self.call = None
-        return None
-
-    def _keep_for_lm(self, lm_kwargs: dict[str, Any]):
-        call = self.call
-        if call is None or call.visual is None or call.keep_list is None:
-            return None
-        visual = call.visual
-        flat = torch.cat(call.keep_list) if call.keep_list else visual.new_zeros(0)
-        if flat.numel() != int(visual.sum()):
-            return None  # placeholders and features disagree; the model's own check reports it
-        keep = ~visual
-        keep[visual] = flat.to(keep.device)
-        keep[:, -1] = True  # the last position feeds the next-token logits
-        return keep, visual

@@ -48,6 +48,10 @@ class LLMInputPruner:
         add_handle(self.lm.register_forward_pre_hook(self._pre, with_kwargs=True))
         add_handle(self.lm.register_forward_hook(self._post, with_kwargs=True))
 
+    def decode_state(self, cache: Any) -> "_DecodeState | None":
+        """Lengths and kept mask of the prefill that filled ``cache``, if vtc pruned it."""
+        return self._decode.get(cache)
+
     # ------------------------------------------------------------------ hooks
     def _pre(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]):
         if args:

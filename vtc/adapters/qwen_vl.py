@@ -16,7 +16,6 @@ from __future__ import annotations
 import functools
 import inspect
 import sys
-import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,21 +26,12 @@ from ..core.scores import attention_received
 from ..runtime import Runtime
 from ..sites import VisionInfo
 from .base import Adapter, register_adapter
-from .llm_input import LLMInputPruner
-from .llm_layers import LLMLayerPruner
 
 
 @dataclass
 class _Scratch:
     active: bool = False
     scores: dict[tuple[str, int], list[torch.Tensor]] = field(default_factory=dict)
-
-
-@dataclass
-class _Call:
-    image: torch.Tensor | None
-    video: torch.Tensor | None
-    keep: dict[str, list[torch.Tensor]] = field(default_factory=dict)
 
 
 @register_adapter
@@ -77,8 +67,6 @@ class QwenVLAdapter(Adapter):
     def install(self, runtime: Runtime) -> None:
         self.rt = runtime
         self.scratch = _Scratch()
-        self.call: _Call | None = None
-        self.keep_by_id: dict[int, tuple[weakref.ref, torch.Tensor]] = {}
         for req in runtime.score_requests():
             if req.kind == "keys":
                 continue  # merging methods use the merged features themselves on Qwen
@@ -90,15 +78,12 @@ class QwenVLAdapter(Adapter):
             original = getattr(self.base, name)
             self._set_instance_attr(self.base, name, self._wrap(original, modality))
         self._hook(self.base.register_forward_pre_hook(self._base_pre, with_kwargs=True))
-        self._hook(self.base.register_forward_hook(self._base_post, with_kwargs=True))
-        self.pruner = LLMInputPruner(self.base.language_model, self._keep_for_lm, runtime)
-        self.pruner.install(self._hook)
-        if "llm_layer" in runtime.method.sites:
-            self.layer_pruner = LLMLayerPruner(self.base.language_model, runtime, self.pruner)
-            if self.layer_pruner.plan and min(self.layer_pruner.plan) < self.deepstack:
-                raise ValueError(f"in-LLM pruning must start after the {self.deepstack} deepstack layer(s) of this "
-                                 f"Qwen3-VL; the method prunes after layer {min(self.layer_pruner.plan)}")
-            self.layer_pruner.install(self._hook)
+        self._install_llm(self.base.language_model, runtime)
+
+    def check_layer_plan(self, plan: dict[int, str]) -> None:
+        if plan and min(plan) < self.deepstack:
+            raise ValueError(f"in-LLM pruning must start after the {self.deepstack} deepstack layer(s) of this "
+                             f"Qwen3-VL; the method prunes after layer {min(plan)}")
 
     def _install_received(self, layer: int) -> None:
         attn = self.blocks[layer].attn
@@ -155,11 +140,9 @@ class QwenVLAdapter(Adapter):
                 new, keeps = self._compress(list(feats), grid)
             out.pooler_output = tuple(new)
             self.rt.last_keep = [k.detach().cpu() for k in keeps]
-            self.keep_by_id = {i: (r, k) for i, (r, k) in self.keep_by_id.items() if r() is not None}
-            for f, k in zip(new, keeps):
-                self.keep_by_id[id(f)] = (weakref.ref(f), k)
+            self.keeps.remember(new, keeps)
             if self.call is not None:
-                self.call.keep[modality] = keeps
+                self.call.keeps[modality] = keeps
             return out
 
         return wrapped
@@ -209,23 +192,13 @@ class QwenVLAdapter(Adapter):
     def _base_pre(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]):
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         if input_ids is None:
-            self.call = _Call(None, None)
+            self._begin_call(kwargs, {})
             return None
-        call = _Call(input_ids == self.image_token_id, input_ids == self.video_token_id)
-        enc = kwargs.get("mm_encoder_outputs") or {}
-        for modality in ("image", "video"):
-            o = enc.get(modality) if isinstance(enc, dict) else None
-            if o is not None and getattr(o, "pooler_output", None) is not None:
-                ks = []
-                for f in o.pooler_output:
-                    e = self.keep_by_id.get(id(f))
-                    ks.append(e[1] if e is not None and e[0]() is f else torch.ones(f.shape[0], dtype=torch.bool, device=f.device))
-                call.keep[modality] = ks
-        self.call = call
+        self._begin_call(kwargs, {"image": input_ids == self.image_token_id, "video": input_ids == self.video_token_id})
         cache = kwargs.get("past_key_values")
         if (cache is not None and kwargs.get("position_ids") is None and kwargs.get("attention_mask") is None
                 and cache.get_seq_length() > 0):
-            st = self.pruner._decode.get(cache)
+            st = self.pruner.decode_state(cache)
             if st is not None:  # hand-written decode loop: let the model derive positions from a full-length mask
                 q = input_ids.shape[1]
                 full = cache.get_seq_length() + st.full_len - st.kept_len + q
@@ -233,27 +206,3 @@ class QwenVLAdapter(Adapter):
                 new["attention_mask"] = torch.ones(input_ids.shape[0], full, dtype=torch.long, device=input_ids.device)
                 return args, new
         return None
-
-    def _base_post(self, module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any):
-        self.call = None
-        return None
-
-    def _keep_for_lm(self, lm_kwargs: dict[str, Any]):
-        call = self.call
-        if call is None or call.image is None:
-            return None
-        visual = call.image | call.video
-        keep = ~visual
-        for modality, mask in (("image", call.image), ("video", call.video)):
-            n = int(mask.sum())
-            if not n:
-                continue
-            ks = call.keep.get(modality)
-            if ks is None:
-                return None
-            flat = torch.cat(ks).to(keep.device)
-            if flat.numel() != n:
-                return None
-            keep[mask] = flat
-        keep[:, -1] = True
-        return keep, visual

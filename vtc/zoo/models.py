@@ -63,5 +63,3 @@ def default_video_model(device: str = "cpu") -> tuple[Any, Any, str]:
     model.generation_config.pad_token_id = proc.tokenizer.pad_token_id
     return model.to(device), proc, "tiny RANDOM-WEIGHT Qwen2-VL (no toy video checkpoint found): answers are meaningless"
 
-
-load_llava = load_model  # backwards-compatible name

@@ -25,6 +25,7 @@ validation (2000) and test (3000, never used here) differ.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import random
@@ -184,10 +185,8 @@ def stage1(model, fam: Family, minutes: float, batch: int, log) -> None:
     tok = fam.tok
     gen = ShapesGenerator(TRAIN_SEED)
     vt = fam.vision_module(model)
-    img_proj = nn.LazyLinear(128)
-    with torch.no_grad():
-        fam.image_embedding(model, fam.pixels([gen.training_sample()[0]]))
-        img_proj(torch.zeros(1, 192 if fam.name != "llava" else 128))
+    # the image embedding is the CLS output (LLaVA) or the mean merger output (Qwen); both have this width
+    img_proj = nn.Linear(model.config.vision_config.hidden_size, 128)
     txt = CaptionEncoder(len(tok))
     loss_fn = ClipLoss()
     logit_scale = nn.Parameter(torch.tensor(math.log(10.0)))
@@ -266,11 +265,9 @@ def batch_from(samples, fam: Family, model, caption_p, rng, question_first: bool
     tok = fam.tok
     rows = []
     segment = fam.image_segment(model)
-    if question_first:  # one (image, question) per row; each image's questions become separate rows
-        samples = [(img, type(scene)(scene.objects, scene.digit, scene.digit_box, [qa]))
+    if question_first:  # one (image, question) per row; an image without questions keeps one caption row
+        samples = [(img, dataclasses.replace(scene, qa=[qa] if qa else []))
                    for img, scene in samples for qa in (scene.qa or [None])]
-        samples = [(img, sc) if sc.qa != [None] else (img, type(sc)(sc.objects, sc.digit, sc.digit_box, []))
-                   for img, sc in samples]
     for img, scene in samples:
         cap = ShapesGenerator.caption(scene) if (rng.random() < caption_p or not scene.qa) else None
         rows.append(encode_dialogue(tok, segment, scene.qa, cap, question_first))
