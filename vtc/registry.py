@@ -1,7 +1,7 @@
 """Method names -> method classes."""
 from __future__ import annotations
 
-from .methods import AIM, ClsPruning, FastV, Method, PoolCompression, RandomPruning, UniformPruning
+from .methods import AIM, ClsPruning, FastV, GlobalCom2, Method, PoolCompression, RandomPruning, UniformPruning
 
 METHODS: dict[str, type[Method]] = {
     "cls": ClsPruning,
@@ -10,6 +10,7 @@ METHODS: dict[str, type[Method]] = {
     "pool": PoolCompression,
     "fastv": FastV,
     "aim": AIM,
+    "globalcom2": GlobalCom2,
 }
 
 

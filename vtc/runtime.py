@@ -13,7 +13,7 @@ from typing import Iterator
 import torch
 
 from .methods.base import Method
-from .sites import ScoreRequest, Selection, VisualInput
+from .sites import ScoreRequest, Selection, ViewLayout, VisualInput
 
 
 @dataclass
@@ -44,6 +44,8 @@ class Runtime:
         self._pending_seconds = 0.0
         #: per image (N,) bool keep masks of the most recent vision-site call, for overlays and inspection
         self.last_keep: list[torch.Tensor] = []
+        #: per image layouts of the most recent multi-view (AnyRes) call, aligned with ``last_keep``
+        self.last_layouts: list[ViewLayout] = []
 
     # ----- what the adapter asks
     def score_requests(self) -> list[ScoreRequest]:
@@ -72,6 +74,22 @@ class Runtime:
         sel = self.method.select(VisualInput(features=features, budget=k, grid=grid, scores=scores))
         if sel.index.numel() != k:
             raise RuntimeError(f"method {self.method.name!r} returned {sel.index.numel()} tokens, budget was {k}")
+        return sel
+
+    def compress_views(
+        self,
+        features: torch.Tensor,
+        layout: ViewLayout,
+        scores: dict[tuple[str, int], torch.Tensor],
+    ) -> Selection:
+        """Run the method's ``vision`` site on one AnyRes image's packed (N, D) features."""
+        n = features.shape[0]
+        if "vision" not in self.method.sites:
+            return Selection(torch.arange(n, device=features.device))
+        k = self.budget(int((layout.view >= 0).sum()))
+        sel = self.method.select_views(VisualInput(features=features, budget=k, scores=scores, layout=layout))
+        if not bool((layout.view < 0)[sel.index].sum() == (layout.view < 0).sum()):
+            raise RuntimeError(f"method {self.method.name!r} dropped separator tokens of an AnyRes image")
         return sel
 
     # ----- bookkeeping

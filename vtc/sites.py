@@ -35,6 +35,35 @@ class VisionInfo:
     llm_layers: int = 0  # decoder layers of the language model
     score_layer: int | None = None  # last layer with global attention (None: feature_layer)
     llm_type: str = ""  # the LM config's model_type ("llama", "qwen2", ...)
+    multi_view: bool = False  # images arrive as AnyRes views (thumbnail + crops) with a ViewLayout
+
+
+@dataclass(frozen=True)
+class ViewLayout:
+    """Where each token of one AnyRes image's packed sequence comes from (thumbnail, crops, separators).
+
+    view: (N,) 0 = the base view (thumbnail), j >= 1 = crop j (row-major over the crop grid), -1 = a
+    separator token (LLaVA-NeXT's ``image_newline``); row, col: (N,) the token's cell, in the base grid for
+    view 0 and in the full (padded) crop canvas of ``crop_grid`` x ``crop_tokens`` cells for crops (-1 for
+    separators). Packed order is raster order of each view; unpadding may have removed canvas rows/columns.
+    """
+
+    view: torch.Tensor
+    row: torch.Tensor
+    col: torch.Tensor
+    base_grid: tuple[int, int]  # (rows, cols) of the thumbnail's tokens
+    crop_grid: tuple[int, int]  # (rows, cols) of crops; (0, 0) for a single-view image
+    crop_tokens: tuple[int, int]  # (rows, cols) of tokens in one crop
+
+    def views(self) -> list[int]:
+        """The view ids present, ascending (separators excluded)."""
+        return sorted(int(v) for v in self.view.unique() if v >= 0)
+
+    def view_grid(self, v: int) -> tuple[int, int] | None:
+        """(rows, cols) of view ``v``'s tokens when they form a full rectangle (after unpadding), else None."""
+        m = self.view == v
+        rows, cols = self.row[m].unique().numel(), self.col[m].unique().numel()
+        return (rows, cols) if rows * cols == int(m.sum()) else None
 
 
 @dataclass
@@ -45,6 +74,7 @@ class VisualInput:
     budget: int  # tokens to keep (already resolved from ratio / tokens)
     grid: tuple[int, int] | None = None  # (rows, cols) with rows * cols == N, when the tokens form a grid
     scores: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict)  # (kind, layer) -> (N,)
+    layout: ViewLayout | None = None  # AnyRes images: where each token comes from (budget is then advisory)
 
 
 @dataclass
@@ -57,8 +87,6 @@ class Selection:
 
     index: torch.Tensor
     features: torch.Tensor | None = None
-
-
 
 
 @dataclass

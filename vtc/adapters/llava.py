@@ -32,6 +32,7 @@ class _VisionScratch:
     scores: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict)  # (kind, layer) -> (B, N)
     layout: tuple[torch.Tensor, torch.Tensor, int] | None = None  # (index (B,k), valid (B,k), N)
     keep: torch.Tensor | None = None  # (B, N) bool
+    features: torch.Tensor | None = None  # pre-projector features (multi-view adapters)
 
 
 def vision_layers(tower: nn.Module) -> nn.ModuleList:
@@ -79,7 +80,17 @@ class LlavaAdapter(Adapter):
     def install(self, runtime: Runtime) -> None:
         self.rt = runtime
         self.scratch = _VisionScratch()
+        self._install_scores(runtime)
+        proj = self.base.multi_modal_projector
+        self._hook(proj.register_forward_pre_hook(self._projector_pre))
+        self._hook(proj.register_forward_hook(self._projector_post))
 
+        original = self.base.get_image_features  # bound method; wraps() keeps its signature for generate()
+        self._set_instance_attr(self.base, "get_image_features", self._wrap_image_features(original))
+        self._hook(self.base.register_forward_pre_hook(self._base_pre, with_kwargs=True))
+        self._install_llm(self.base.language_model, runtime)
+
+    def _install_scores(self, runtime: Runtime) -> None:
         by_layer: dict[int, set[str]] = {}
         for req in runtime.score_requests():
             for l in req.layers:
@@ -89,15 +100,6 @@ class LlavaAdapter(Adapter):
                 by_layer.setdefault(l, set()).add(req.kind)
         for l, kinds in by_layer.items():
             self._install_score_hooks(l, sorted(kinds))
-
-        proj = self.base.multi_modal_projector
-        self._hook(proj.register_forward_pre_hook(self._projector_pre))
-        self._hook(proj.register_forward_hook(self._projector_post))
-
-        original = self.base.get_image_features  # bound method; wraps() keeps its signature for generate()
-        self._set_instance_attr(self.base, "get_image_features", self._wrap_image_features(original))
-        self._hook(self.base.register_forward_pre_hook(self._base_pre, with_kwargs=True))
-        self._install_llm(self.base.language_model, runtime)
 
     # ------------------------------------------------------------------ vision site
     def _install_score_hooks(self, layer: int, kinds: list[str]) -> None:
@@ -179,24 +181,31 @@ class LlavaAdapter(Adapter):
     def _wrap_image_features(self, original):
         @functools.wraps(original)
         def get_image_features(*args, **kwargs):
-            self.scratch = _VisionScratch(active=True)
-            try:
-                out = original(*args, **kwargs)
-            finally:
-                self.scratch.active = False
+            out = self._encode(original, args, kwargs)
             keep = self.scratch.keep
             feats = out.pooler_output if hasattr(out, "pooler_output") else None
             if keep is None or feats is None:
                 return out
             if len(feats) != keep.shape[0] or any(f.shape[0] != keep.shape[1] for f in feats):
                 raise RuntimeError("vtc: unexpected image feature layout from get_image_features")
-            keep_list = list(keep.unbind(0))
-            self.keeps.remember(feats, keep_list)
-            if self.call is not None:
-                self.call.keeps["image"] = keep_list
+            self._remember_keeps(feats, list(keep.unbind(0)))
             return out
 
         return get_image_features
+
+    def _encode(self, original, args: tuple, kwargs: dict[str, Any]):
+        """Run the model's own image encoder with the vision-site hooks armed for this call."""
+        self.scratch = _VisionScratch(active=True)
+        try:
+            return original(*args, **kwargs)
+        finally:
+            self.scratch.active = False
+
+    def _remember_keeps(self, feats, keep_list: list[torch.Tensor]) -> None:
+        """Link each image's feature tensor to its keep mask (for the LM input of this and later calls)."""
+        self.keeps.remember(feats, keep_list)
+        if self.call is not None:
+            self.call.keeps["image"] = keep_list
 
     # ------------------------------------------------------------------ base model
     def _base_pre(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]):

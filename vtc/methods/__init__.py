@@ -5,8 +5,9 @@ from .cls import ClsPruning
 from .aim import AIM
 from .compose import Compose
 from .fastv import FastV
+from .globalcom2 import GlobalCom2
 
 __all__ = [
     "Method", "ScoreRequest", "Selection", "VisionInfo", "VisualInput",
-    "ClsPruning", "RandomPruning", "UniformPruning", "PoolCompression", "AIM", "FastV", "Compose",
+    "ClsPruning", "RandomPruning", "UniformPruning", "PoolCompression", "AIM", "FastV", "Compose", "GlobalCom2",
 ]

@@ -44,6 +44,39 @@ class Method:
     def select(self, visual: VisualInput) -> Selection:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    #: a method that changes features even when it keeps every token (merging) sets this
+    transforms_at_full_budget: ClassVar[bool] = False
+
+    def select_views(self, visual: VisualInput) -> Selection:
+        """An AnyRes image (``visual.layout`` set): by default every view (thumbnail, each crop) is compressed
+        on its own by :meth:`select` with its own budget (``tokens=`` is spread over the views in proportion
+        to their sizes); separator tokens are always kept. Multi-view methods (GlobalCom²) override this."""
+        lay = visual.layout
+        assert lay is not None
+        n_visual = int((lay.view >= 0).sum())
+        index = [torch.nonzero(lay.view < 0).flatten()]
+        feats: list[torch.Tensor | None] = [None]
+        replaced = False
+        for v in lay.views():
+            slots = torch.nonzero(lay.view == v).flatten()
+            n = slots.numel()
+            k = (resolve_budget(n, self.tokens / n_visual) if self.tokens is not None else self.vision_budget(n))
+            if k >= n and not self.transforms_at_full_budget:
+                index.append(slots)
+                feats.append(None)
+                continue
+            sel = self.select(VisualInput(visual.features[slots], k, lay.view_grid(v),
+                                          {key: s[slots] for key, s in visual.scores.items()}))
+            index.append(slots[sel.index])
+            feats.append(sel.features)
+            replaced |= sel.features is not None
+        flat = torch.cat(index)
+        order = flat.argsort()
+        if not replaced:
+            return Selection(flat[order])
+        parts = [visual.features[i] if f is None else f for i, f in zip(index, feats)]
+        return Selection(flat[order], torch.cat(parts)[order])
+
     def llm_plan(self, num_layers: int) -> dict[int, QueryKind]:
         """Decoder layers after which this method prunes (``llm_layer`` site), and the queries it needs."""
         return {}

@@ -39,6 +39,33 @@ def tiny_llava(
     return model
 
 
+def tiny_llava_next(seed: int = 0, attn: str = "sdpa", vision_layers: int = 3, text_layers: int = 2):
+    """A LlavaNextForConditionalGeneration: 32x32 crops of 4x4 tokens, pinpoints up to 64x64 (2x2 crops)."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration
+
+    vision = CLIPVisionConfig(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64,
+                              num_hidden_layers=vision_layers, num_attention_heads=4, projection_dim=32)
+    text = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=text_layers,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                       pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    cfg = LlavaNextConfig(vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN_ID,
+                          vision_feature_layer=-2, vision_feature_select_strategy="default",
+                          image_grid_pinpoints=[[32, 32], [32, 64], [64, 32], [64, 64]])
+    torch.manual_seed(seed)
+    model = LlavaNextForConditionalGeneration(cfg).eval()
+    model.set_attn_implementation(attn)
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+def llava_next_tokens(model, image_sizes: list[tuple[int, int]]) -> list[int]:
+    """Packed visual tokens per image (thumbnail + unpadded crops + newlines) for (H, W) sizes."""
+    pv = torch.zeros(len(image_sizes), 5, 3, 32, 32)
+    with torch.no_grad():
+        out = model.model.get_image_features(pv, torch.tensor(image_sizes), return_dict=True).pooler_output
+    return [len(f) for f in out]
+
+
 def llava_prompt(n_image_tokens: int, prefix: list[int], suffix: list[int]) -> list[int]:
     """Token ids: ``prefix + <image>*n + suffix``."""
     return list(prefix) + [IMAGE_TOKEN_ID] * n_image_tokens + list(suffix)
