@@ -27,3 +27,30 @@ def llava_batch():
 def greedy(model, batch, n=6, **kw):
     return model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                           pixel_values=batch["pixel_values"], max_new_tokens=n, do_sample=False, **kw)
+
+
+from dataclasses import dataclass  # noqa: E402
+
+from vtc.methods.base import Method, ScoreRequest, Selection  # noqa: E402
+
+
+@dataclass
+class ScoreRecorder(Method):
+    """A vision-site method that keeps every token and records the packed layouts and scores it was given."""
+
+    ratio: float | None = None
+    tokens: int | None = None
+    kind: str = "cls_prob"
+    layer: int = 1
+    name = "recorder"
+    sites = ("vision",)
+
+    def __post_init__(self):
+        self.seen = []
+
+    def score_requests(self):
+        return [ScoreRequest(self.kind, (self.layer,))]
+
+    def select_views(self, visual):
+        self.seen.append((visual.layout, visual.scores[(self.kind, self.layer)].clone()))
+        return Selection(torch.arange(visual.layout.view.numel()))

@@ -1,12 +1,11 @@
 """LLaVA-NeXT AnyRes: the correctness matrix, score/layout alignment with packed tokens, GlobalCom² budgets."""
 import math
-from dataclasses import dataclass
 
 import pytest
 import torch
 
 import vtc
-from vtc.methods.base import Method, ScoreRequest, Selection
+from conftest import ScoreRecorder
 from vtc.methods.globalcom2 import crop_retention
 from vtc.zoo.tiny import left_pad, llava_next_tokens, llava_prompt, tiny_llava_next
 
@@ -86,31 +85,11 @@ def test_per_view_budgets_and_newlines_kept(next_batch):
             assert int(keep[lay.view == v].sum()) == max(1, round(n * 0.25))
 
 
-@dataclass
-class _Recorder(Method):
-    """Keeps everything at ratio < 1 and records the packed scores and layouts it was given."""
-
-    ratio: float | None = None
-    tokens: int | None = None
-    name = "recorder"
-    sites = ("vision",)
-
-    def __post_init__(self):
-        self.seen = []
-
-    def score_requests(self):
-        return [ScoreRequest("cls_prob", (1,))]
-
-    def select_views(self, visual):
-        self.seen.append((visual.layout, visual.scores[("cls_prob", 1)].clone()))
-        return Selection(torch.arange(visual.layout.view.numel()))
-
-
 def test_scores_align_with_packed_tokens(next_batch):
     """Every packed token's score is the eager CLS attention of the crop patch it came from (a patch in crop k
     lands on the packed index of crop k, also after unpadding wide and tall images)."""
     m = tiny_llava_next()
-    rec = _Recorder(ratio=0.5)
+    rec = ScoreRecorder(ratio=0.5, kind="cls_prob", layer=1)
     with vtc.patched(m, rec):
         gen(m, next_batch, n=1)
     m.set_attn_implementation("eager")

@@ -64,7 +64,7 @@ def test_error_budget_both_or_neither(make_llava):
 
 
 def test_error_unknown_method_lists_available(make_llava):
-    with pytest.raises(ValueError, match="unknown method 'visionzip'; available methods: aim, cls, fastv, pool, random, uniform"):
+    with pytest.raises(ValueError, match="unknown method 'visionzip'; available methods: aim, cls, fastv, globalcom2, pool, random, uniform"):
         vtc.patch(make_llava(), "visionzip", ratio=0.5)
 
 

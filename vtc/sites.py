@@ -54,6 +54,7 @@ class ViewLayout:
     base_grid: tuple[int, int]  # (rows, cols) of the thumbnail's tokens
     crop_grid: tuple[int, int]  # (rows, cols) of crops; (0, 0) for a single-view image
     crop_tokens: tuple[int, int]  # (rows, cols) of tokens in one crop
+    kind: str = "anyres"  # "anyres": view 0 is the thumbnail; "frames": view t is video frame t (no thumbnail)
 
     def views(self) -> list[int]:
         """The view ids present, ascending (separators excluded)."""

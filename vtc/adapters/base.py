@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import weakref
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Iterable, Sequence
 
@@ -118,25 +119,48 @@ class ForwardCall:
 
 
 class KeepRegistry:
-    """Per-feature keep masks, found again by the identity of the feature tensors.
+    """Per-feature keep masks, found again by the identity of the feature tensors, else by their content.
 
     generate() pre-encodes images, then may repeat the same tensor objects for beams, so the identity of each
-    per-image tensor in ``pooler_output`` links the vision site to the LM input."""
+    per-image tensor in ``pooler_output`` links the vision site to the LM input. A (B, n, D) tensor output
+    (OneVision video) is found by its own identity; rows that were copied (beam expansion repeats a tensor)
+    are found by an exact content fingerprint."""
 
-    def __init__(self) -> None:
-        self._by_id: dict[int, tuple[weakref.ref, torch.Tensor]] = {}
+    def __init__(self, max_prints: int = 256) -> None:
+        self._by_id: dict[int, tuple[weakref.ref, Any]] = {}
+        self._by_print: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+        self._max_prints = max_prints
 
-    def remember(self, feats: Iterable[torch.Tensor], keeps: Sequence[torch.Tensor]) -> None:
+    @staticmethod
+    def _print(f: torch.Tensor) -> tuple:
+        x = f.detach().float().flatten()
+        w = torch.arange(1, x.numel() + 1, device=x.device, dtype=torch.float32).remainder_(97)
+        return tuple(f.shape), str(f.dtype), float(x.sum()), float((x * w).sum())
+
+    def remember(self, feats: Iterable[torch.Tensor] | torch.Tensor, keeps: Sequence[torch.Tensor]) -> None:
         self._by_id = {i: (r, k) for i, (r, k) in self._by_id.items() if r() is not None}
+        if isinstance(feats, torch.Tensor):
+            self._by_id[id(feats)] = (weakref.ref(feats), list(keeps))
         for f, k in zip(feats, keeps):
-            self._by_id[id(f)] = (weakref.ref(f), k)
+            if not isinstance(feats, torch.Tensor):
+                self._by_id[id(f)] = (weakref.ref(f), k)
+            self._by_print[self._print(f)] = k
+            if len(self._by_print) > self._max_prints:
+                self._by_print.popitem(last=False)
 
-    def lookup(self, feats: Iterable[torch.Tensor]) -> list[torch.Tensor]:
+    def lookup(self, feats: Iterable[torch.Tensor] | torch.Tensor) -> list[torch.Tensor]:
         """Keep masks in ``feats`` order; features encoded without vtc (e.g. before patching) keep everything."""
+        e = self._by_id.get(id(feats))
+        if isinstance(feats, torch.Tensor) and e is not None and e[0]() is feats:
+            return e[1]
         out = []
         for f in feats:
             e = self._by_id.get(id(f))
-            out.append(e[1] if e is not None and e[0]() is f else torch.ones(f.shape[0], dtype=torch.bool, device=f.device))
+            if e is not None and e[0]() is f:
+                out.append(e[1])
+                continue
+            k = self._by_print.get(self._print(f)) if self._by_print else None
+            out.append(k if k is not None else torch.ones(f.shape[0], dtype=torch.bool, device=f.device))
         return out
 
 

@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 
 from ..core.batch import scatter_rows
-from ..core.scores import attention_rows, head_mean
+from ..core.scores import attention_received, attention_rows, head_mean
 from ..runtime import Runtime
 from ..sites import VisionInfo
 from .base import Adapter, register_adapter
@@ -110,7 +110,7 @@ class LlavaAdapter(Adapter):
         def grab(name: str):
             def hook(module: nn.Module, args: tuple, output: torch.Tensor):
                 if self.scratch.active:
-                    captured[name] = output[:, :1] if name == "q" else output
+                    captured[name] = output[:, :1] if name == "q" and "received" not in kinds else output
             return hook
 
         def compute(module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any):
@@ -121,14 +121,18 @@ class LlavaAdapter(Adapter):
                 captured_k = k.view(k.shape[0], k.shape[1], module.num_heads, module.head_dim).transpose(1, 2)
                 b, s, _ = k.shape
                 nh, hd = module.num_heads, module.head_dim
-                q = q.view(b, 1, nh, hd).transpose(1, 2)
+                q = q.view(b, q.shape[1], nh, hd).transpose(1, 2)
                 k = k.view(b, s, nh, hd).transpose(1, 2)
                 for kind in kinds:
+                    if kind == "received":
+                        rec = torch.stack([attention_received(q[i], k[i], module.scale) for i in range(b)])
+                        self.scratch.scores[(kind, layer)] = rec[:, 1:] if self.drop_cls_column else rec
+                        continue
                     if kind == "keys":
                         keys = captured_k.transpose(1, 2).reshape(b, s, -1)
                         self.scratch.scores[(kind, layer)] = keys[:, 1:] if self.drop_cls_column else keys
                         continue
-                    row = head_mean(attention_rows(q, k, module.scale, softmax=(kind == "cls_prob")))[:, 0]
+                    row = head_mean(attention_rows(q[:, :, :1], k, module.scale, softmax=(kind == "cls_prob")))[:, 0]
                     if self.drop_cls_column:
                         row = row[:, 1:]
                     self.scratch.scores[(kind, layer)] = row

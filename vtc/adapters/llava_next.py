@@ -62,9 +62,8 @@ class LlavaNextAdapter(LlavaAdapter):
             if feats is None or self.scratch.features is None:
                 return out
             bound = sig.bind(*args, **kwargs).arguments
-            strategy = bound.get("vision_feature_select_strategy") or self.strategy
             with self.rt.timed():
-                new_feats, keeps = self._compress_packed(list(feats), bound["image_sizes"], strategy)
+                new_feats, keeps = self._compress_packed(list(feats), bound)
             out.pooler_output = new_feats
             self.rt.last_keep = [k.detach().cpu() for k in keeps]
             self._remember_keeps(new_feats, keeps)
@@ -73,61 +72,180 @@ class LlavaNextAdapter(LlavaAdapter):
         return get_image_features
 
     # ------------------------------------------------------------------ packing
-    def _crops_per_image(self, image_sizes: torch.Tensor) -> list[int]:
+    def _crops_per_image(self, bound: dict[str, Any]) -> list[int]:
         from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
         cfg = self.base.config
         return [image_size_to_num_patches(image_size=s, grid_pinpoints=cfg.image_grid_pinpoints,
-                                          patch_size=cfg.vision_config.image_size) for s in image_sizes]
+                                          patch_size=cfg.vision_config.image_size) for s in bound["image_sizes"]]
 
-    def _pack(self, t: torch.Tensor, size: torch.Tensor, strategy: str, fill: float) -> torch.Tensor:
-        """Push a (crops, N, C) per-crop map through the model's own packing; separators get ``fill``."""
-        newline = torch.full((t.shape[-1],), fill, dtype=t.dtype, device=t.device)
-        return self.base.pack_image_features([t], size, strategy, image_newline=newline)[0][0]
+    def _packer(self, bound: dict[str, Any], size: torch.Tensor):
+        """``pack(t, fill)``: a (crops, N, C) per-crop map through the model's own packing; separators = fill."""
+        strategy = bound.get("vision_feature_select_strategy") or self.strategy
 
-    def _layout(self, n_crops: int, size: torch.Tensor, strategy: str, device: torch.device) -> ViewLayout:
+        def pack(t: torch.Tensor, fill: float) -> torch.Tensor:
+            newline = torch.full((t.shape[-1],), fill, dtype=t.dtype, device=t.device)
+            return self.base.pack_image_features([t], size, strategy, image_newline=newline)[0][0]
+
+        return pack
+
+    def _layout(self, n_crops: int, size: torch.Tensor, pack) -> ViewLayout:
+        """Push (is-thumbnail, row, col) maps through ``pack``; the crop of each packed token follows from its
+        canvas cell (rounded where the model resized the canvas), separators come out as -1."""
         from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape
 
         cfg = self.base.config
         h, w = self.grid
         nph, npw = get_anyres_image_grid_shape(size[0], cfg.image_grid_pinpoints, cfg.vision_config.image_size) \
             if n_crops > 1 else (0, 0)
+        device = self.base.image_newline.device
         r = torch.arange(h * w, device=device) // w
         c = torch.arange(h * w, device=device) % w
         maps = []
         for v in range(n_crops):
             pi, pj = divmod(v - 1, max(npw, 1)) if v else (0, 0)
-            maps.append(torch.stack([torch.full_like(r, v), pi * h + r, pj * w + c], -1))
-        packed = self._pack(torch.stack(maps).float(), size, strategy, fill=-1.0).round().long()
-        return ViewLayout(packed[:, 0], packed[:, 1], packed[:, 2], base_grid=(h, w), crop_grid=(nph, npw),
-                          crop_tokens=(h, w))
+            maps.append(torch.stack([torch.full_like(r, int(v == 0)), pi * h + r, pj * w + c], -1))
+        packed = pack(torch.stack(maps).float(), -1.0).round().long()
+        flag, row, col = packed.unbind(-1)
+        view = torch.where(flag == 1, 0, 1 + (row // h) * max(npw, 1) + col // w)
+        view = torch.where(flag < 0, -1, view)
+        return ViewLayout(view, row, col, base_grid=(h, w), crop_grid=(nph, npw), crop_tokens=(h, w))
 
-    def _compress_packed(self, feats: list[torch.Tensor], image_sizes: torch.Tensor, strategy: str):
+    def _compress_packed(self, feats: list[torch.Tensor], bound: dict[str, Any]):
         x = self.scratch.features
-        counts = self._crops_per_image(image_sizes)
+        counts = self._crops_per_image(bound)
         out_feats, keeps, layouts = [], [], []
         start = 0
         for i, f in enumerate(feats):
             crops = slice(start, start + counts[i])
             start += counts[i]
-            size = image_sizes[i:i + 1]
-            lay = self._layout(counts[i], size, strategy, f.device)
+            pack = self._packer(bound, bound["image_sizes"][i:i + 1])
+            lay = self._layout(counts[i], bound["image_sizes"][i:i + 1], pack)
             if lay.view.numel() != f.shape[0]:
                 raise RuntimeError(f"vtc: packed layout has {lay.view.numel()} tokens, the model packed {f.shape[0]}")
-            scores = {}
-            for key, s in self.scratch.scores.items():
-                p = self._pack(s[crops] if s.dim() == 3 else s[crops, :, None], size, strategy, fill=0.0)
-                scores[key] = p if s.dim() == 3 else p[:, 0]
-            sel = self.rt.compress_views(self._pack(x[crops], size, strategy, fill=0.0), lay, scores)
+            scores = {key: pack(s[crops], 0.0) if s.dim() == 3 else pack(s[crops, :, None], 0.0)[:, 0]
+                      for key, s in self.scratch.scores.items()}
+            sel = self.rt.compress_views(pack(x[crops], 0.0), lay, scores)
+            f = self._apply(f, sel, lay.view < 0, project=True)
             keep = torch.zeros(f.shape[0], dtype=torch.bool, device=f.device)
             keep[sel.index] = True
-            if sel.features is not None:
-                visual = lay.view[sel.index] >= 0
-                f = f.clone()
-                proj = self.base.multi_modal_projector(sel.features[visual].to(x.dtype))
-                f[sel.index[visual]] = proj.to(f.dtype)
             out_feats.append(f)
             keeps.append(keep)
             layouts.append(lay)
         self.rt.last_layouts = layouts
         return out_feats, keeps
+
+    def _apply(self, f: torch.Tensor, sel, separator: torch.Tensor, project: bool) -> torch.Tensor:
+        """Write a selection's replacement features (through the projector if they are pre-projector) into
+        the kept slots of ``f``; separators keep the model's own embedding."""
+        if sel.features is None:
+            return f
+        visual = ~separator[sel.index]
+        new = sel.features[visual]
+        if project:
+            new = self.base.multi_modal_projector(new.to(self.scratch.features.dtype))
+        f = f.clone()
+        f[sel.index[visual]] = new.to(f.dtype)
+        return f
+
+
+@register_adapter
+class LlavaOnevisionAdapter(LlavaNextAdapter):
+    """LLaVA-OneVision: SigLIP tower (no CLS: ``received`` scores), AnyRes images packed like NeXT (bilinearly
+    shrunk beyond ``anyres_max_9``), and videos: per-frame tower -> projector -> 2x2 bilinear pooling -> one
+    newline per video. Video frames are views of a ``frames`` layout: scores and the projected features go
+    through the model's own ``apply_pooling``, so each pooled token has its own score; every method works per
+    frame (per-frame budgets) and the trailing newline is always kept."""
+
+    model_classes = ("LlavaOnevisionForConditionalGeneration", "LlavaOnevisionModel")
+    family = "llava-onevision"
+
+    def __init__(self, model: nn.Module):
+        super().__init__(model)
+        self.video_token_id = self.base.config.video_token_id
+
+    def install(self, runtime: Runtime) -> None:
+        super().install(runtime)
+        original = self.base.get_video_features
+        self._set_instance_attr(self.base, "get_video_features", self._wrap_video_features(original))
+
+    def _packer(self, bound: dict[str, Any], size: torch.Tensor):
+        aspect = bound.get("vision_aspect_ratio") or getattr(self.base.config, "vision_aspect_ratio", "anyres_max_9")
+
+        def pack(t: torch.Tensor, fill: float) -> torch.Tensor:
+            newline = torch.full((t.shape[-1],), fill, dtype=t.dtype, device=t.device)
+            return self.base.pack_image_features([t], size, image_newline=newline, vision_aspect_ratio=aspect)[0][0]
+
+        return pack
+
+    def _crops_per_image(self, bound: dict[str, Any]) -> list[int]:
+        counts = super()._crops_per_image(bound)
+        per_sample = bound.get("batch_num_images")
+        if per_sample is None:
+            return counts
+        single = [int(n) == 1 for n in per_sample for _ in range(int(n))]
+        return [c if s else 1 for c, s in zip(counts, single)]
+
+    # ------------------------------------------------------------------ video
+    def _wrap_video_features(self, original):
+        @functools.wraps(original)
+        def get_video_features(*args, **kwargs):
+            out = self._encode(original, args, kwargs)
+            feats = getattr(out, "pooler_output", None)
+            if feats is None or self.scratch.features is None:
+                return out
+            with self.rt.timed():
+                new, keeps = self._compress_video(feats)
+            out.pooler_output = new
+            self.rt.last_keep = [k.detach().cpu() for k in keeps]
+            self.keeps.remember(new, keeps)
+            if self.call is not None:
+                self.call.keeps["video"] = keeps
+            return out
+
+        return get_video_features
+
+    def _compress_video(self, feats: torch.Tensor):
+        b, n, d = feats.shape
+        frames = self.scratch.features.shape[0] // b
+        pool = self.base.apply_pooling
+        pooled_scores = {key: pool(s if s.dim() == 3 else s[..., None]) for key, s in self.scratch.scores.items()}
+        per_frame = (n - 1) // frames
+        h, w = self.grid
+        ph, pw = -(-h // 2), -(-w // 2)
+        r = torch.arange(per_frame, device=feats.device)
+        view = torch.cat([torch.arange(frames, device=feats.device).repeat_interleave(per_frame),
+                          torch.tensor([-1], device=feats.device)])
+        row = torch.cat([(r // pw).repeat(frames), torch.tensor([-1], device=feats.device)])
+        col = torch.cat([(r % pw).repeat(frames), torch.tensor([-1], device=feats.device)])
+        lay = ViewLayout(view, row, col, base_grid=(ph, pw), crop_grid=(0, 0), crop_tokens=(ph, pw), kind="frames")
+        out, keeps = [], []
+        for i in range(b):
+            rows = slice(i * frames, (i + 1) * frames)
+            scores = {}
+            for key, s in pooled_scores.items():
+                flat = s[rows].reshape(frames * per_frame, -1)
+                flat = torch.cat([flat, flat.new_zeros(1, flat.shape[1])])
+                scores[key] = flat if self.scratch.scores[key].dim() == 3 else flat[:, 0]
+            sel = self.rt.compress_views(feats[i], lay, scores)
+            keep = torch.zeros(n, dtype=torch.bool, device=feats.device)
+            keep[sel.index] = True
+            out.append(self._apply(feats[i], sel, view < 0, project=False))
+            keeps.append(keep)
+        self.rt.last_layouts = [lay] * b
+        return torch.stack(out), keeps
+
+    def _base_pre(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]):
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        if input_ids is None:
+            return super()._base_pre(module, args, kwargs)
+        enc = kwargs.get("mm_encoder_outputs") or {}
+        masks = {}
+        # a modality counts only when this call carries its features: a generated id that happens to equal
+        # a placeholder id is text to the model then
+        for name, token, pix in (("image", self.image_token_id, "pixel_values"),
+                                 ("video", self.video_token_id, "pixel_values_videos")):
+            if kwargs.get(pix) is not None or (isinstance(enc, dict) and enc.get(name) is not None):
+                masks[name] = input_ids == token
+        self._begin_call(kwargs, masks)
+        return None

@@ -78,6 +78,8 @@ class GlobalCom2(Method):
     def select_views(self, visual: VisualInput) -> Selection:
         lay = visual.layout
         assert lay is not None
+        if lay.kind != "anyres":
+            raise ValueError(f"method 'globalcom2' needs an AnyRes image (thumbnail + crops); got {lay.kind!r} views")
         dev = lay.view.device
         score = visual.scores[("cls_logit", self._layer)].float()
         sep = lay.view < 0

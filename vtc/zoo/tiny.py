@@ -58,6 +58,28 @@ def tiny_llava_next(seed: int = 0, attn: str = "sdpa", vision_layers: int = 3, t
     return model
 
 
+def tiny_llava_onevision(seed: int = 0, attn: str = "sdpa", vision_layers: int = 3, text_layers: int = 2):
+    """A LlavaOnevisionForConditionalGeneration: SigLIP 32x32 crops of 4x4 tokens (no CLS), Qwen2 LM;
+    images like :func:`tiny_llava_next`, a video frame pools to 2x2 tokens (+ one newline per video)."""
+    from transformers import (LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, Qwen2Config,
+                              SiglipVisionConfig)
+
+    vision = SiglipVisionConfig(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64,
+                                num_hidden_layers=vision_layers, num_attention_heads=4)
+    text = Qwen2Config(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=text_layers,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                       pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    cfg = LlavaOnevisionConfig(vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN_ID,
+                               video_token_id=QWEN_VIDEO, vision_feature_layer=-1,
+                               vision_feature_select_strategy="full",
+                               image_grid_pinpoints=[[32, 32], [32, 64], [64, 32], [64, 64]])
+    torch.manual_seed(seed)
+    model = LlavaOnevisionForConditionalGeneration(cfg).eval()
+    model.set_attn_implementation(attn)
+    model.generation_config.pad_token_id = 0
+    return model
+
+
 def llava_next_tokens(model, image_sizes: list[tuple[int, int]]) -> list[int]:
     """Packed visual tokens per image (thumbnail + unpadded crops + newlines) for (H, W) sizes."""
     pv = torch.zeros(len(image_sizes), 5, 3, 32, 32)
