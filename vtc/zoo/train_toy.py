@@ -19,7 +19,11 @@ contrastive+dense stage-1 tower stays at exactly 50% validation accuracy for 400
 a fresh model learns "is the image red?" on solid-colour images in 20 steps, yet existence questions on
 ShapesMME stay at chance with 196 or 49 visual tokens and with or without gradient clipping. The bottleneck is
 the from-scratch LM learning content-addressed lookup over the visual tokens in ~1000 steps. A curriculum from
-one large object to the full scenes (``--curriculum``) reached only 52% by step 600. Seeds for train (1000+),
+one large object to the full scenes (``--curriculum``) reached only 52% by step 600. Two later probes (lr 1e-3,
+32 questions per step): question-first VQA from the stage-1 tower, 51% at step 300; and the same 4-layer LM
+fed *oracle* per-patch symbols (colour/shape/digit embeddings instead of the vision tower), 49% at step 200
+— so the LM side, not the vision tower, is what fails to start; an attention-supervision loss (the answer
+position's attention pushed onto the asked-about object's patches) was tried only to step 150. Seeds for train (1000+),
 validation (2000) and test (3000, never used here) differ.
 """
 from __future__ import annotations
