@@ -88,7 +88,7 @@ class Runtime:
             return Selection(torch.arange(n, device=features.device))
         k = self.budget(int((layout.view >= 0).sum()))
         sel = self.method.select_views(VisualInput(features=features, budget=k, scores=scores, layout=layout))
-        if not bool((layout.view < 0)[sel.index].sum() == (layout.view < 0).sum()):
+        if int((layout.view[sel.index] < 0).sum()) != int((layout.view < 0).sum()):
             raise RuntimeError(f"method {self.method.name!r} dropped separator tokens of an AnyRes image")
         return sel
 

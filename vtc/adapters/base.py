@@ -58,14 +58,27 @@ class Adapter:
     # ----- one forward pass: placeholder masks, then the keep masks of its features, then the LM keep set
     def _begin_call(self, kwargs: dict[str, Any], masks: dict[str, torch.Tensor]) -> None:
         """Record the placeholder masks of this forward pass and the keep masks of features that generate()
-        pre-encoded (``mm_encoder_outputs``); features encoded inside forward are added by the wrappers."""
-        call = ForwardCall(masks)
+        pre-encoded (``mm_encoder_outputs``); features encoded inside forward are added by the wrappers.
+
+        A modality counts only when the call carries its features (pixels or pre-encoded outputs): a
+        generated id that equals a placeholder id is plain text to the model then."""
         enc = kwargs.get("mm_encoder_outputs") or {}
-        for modality in masks:
-            o = enc.get(modality) if isinstance(enc, dict) else None
+        enc = enc if isinstance(enc, dict) else {}
+        call = ForwardCall({m: mask for m, mask in masks.items()
+                            if kwargs.get(FEATURE_INPUTS[m]) is not None or enc.get(m) is not None})
+        for modality in call.masks:
+            o = enc.get(modality)
             if o is not None and getattr(o, "pooler_output", None) is not None:
                 call.keeps[modality] = self.keeps.lookup(o.pooler_output)
         self.call = call
+
+    def _remember_keeps(self, feats, keeps: list[torch.Tensor], modality: str = "image") -> None:
+        """Link each image's (video's) features to its keep mask, for this call's LM input and later calls
+        (generate() pre-encodes), and expose the masks as ``Patch.last_kept()``."""
+        self.rt.last_keep = [k.detach().cpu() for k in keeps]
+        self.keeps.remember(feats, keeps)
+        if self.call is not None:
+            self.call.keeps[modality] = keeps
 
     def _end_call(self, module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> None:
         self.call = None
@@ -109,6 +122,9 @@ class Adapter:
 
 _MISSING = object()
 
+#: the forward kwarg that carries each modality's pixels
+FEATURE_INPUTS = {"image": "pixel_values", "video": "pixel_values_videos"}
+
 
 @dataclass
 class ForwardCall:
@@ -139,11 +155,12 @@ class KeepRegistry:
 
     def remember(self, feats: Iterable[torch.Tensor] | torch.Tensor, keeps: Sequence[torch.Tensor]) -> None:
         self._by_id = {i: (r, k) for i, (r, k) in self._by_id.items() if r() is not None}
-        if isinstance(feats, torch.Tensor):
-            self._by_id[id(feats)] = (weakref.ref(feats), list(keeps))
-        for f, k in zip(feats, keeps):
-            if not isinstance(feats, torch.Tensor):
+        if not isinstance(feats, torch.Tensor):  # a list/tuple: generate() repeats the same objects
+            for f, k in zip(feats, keeps):
                 self._by_id[id(f)] = (weakref.ref(f), k)
+            return
+        self._by_id[id(feats)] = (weakref.ref(feats), list(keeps))
+        for f, k in zip(feats, keeps):  # rows of a tensor output lose their identity when it is repeated
             self._by_print[self._print(f)] = k
             if len(self._by_print) > self._max_prints:
                 self._by_print.popitem(last=False)

@@ -52,6 +52,7 @@ class LlavaAdapter(Adapter):
         self.base = model.model if hasattr(model, "lm_head") else model  # LlavaModel
         cfg = self.base.config
         self.image_token_id = cfg.image_token_id
+        self.placeholders = {"image": cfg.image_token_id}  # modality -> placeholder token id
         self.strategy = cfg.vision_feature_select_strategy
         tower = self.base.vision_tower
         self.layers = vision_layers(tower)
@@ -157,7 +158,6 @@ class LlavaAdapter(Adapter):
             for i, s in enumerate(sels):
                 keep[i, s.index] = True
             self.scratch.keep = keep
-            self.rt.last_keep = [k.detach().cpu() for k in keep]
             untouched = all(s.features is None for s in sels) and bool(keep.all())
             if untouched:
                 self.scratch.layout = None
@@ -205,22 +205,16 @@ class LlavaAdapter(Adapter):
         finally:
             self.scratch.active = False
 
-    def _remember_keeps(self, feats, keep_list: list[torch.Tensor]) -> None:
-        """Link each image's feature tensor to its keep mask (for the LM input of this and later calls)."""
-        self.keeps.remember(feats, keep_list)
-        if self.call is not None:
-            self.call.keeps["image"] = keep_list
-
     # ------------------------------------------------------------------ base model
     def _base_pre(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]):
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         embeds = kwargs.get("inputs_embeds")
-        if input_ids is not None:
-            visual = input_ids == self.image_token_id
-        elif embeds is not None:
-            token = self.base.get_input_embeddings()(torch.tensor(self.image_token_id, device=embeds.device))
-            visual = (embeds == token).all(-1)
-        else:
-            visual = None
-        self._begin_call(kwargs, {"image": visual} if visual is not None else {})
+        masks = {}
+        for modality, token_id in self.placeholders.items():
+            if input_ids is not None:
+                masks[modality] = input_ids == token_id
+            elif embeds is not None:
+                token = self.base.get_input_embeddings()(torch.tensor(token_id, device=embeds.device))
+                masks[modality] = (embeds == token).all(-1)
+        self._begin_call(kwargs, masks)
         return None

@@ -65,7 +65,6 @@ class LlavaNextAdapter(LlavaAdapter):
             with self.rt.timed():
                 new_feats, keeps = self._compress_packed(list(feats), bound)
             out.pooler_output = new_feats
-            self.rt.last_keep = [k.detach().cpu() for k in keeps]
             self._remember_keeps(new_feats, keeps)
             return out
 
@@ -79,13 +78,17 @@ class LlavaNextAdapter(LlavaAdapter):
         return [image_size_to_num_patches(image_size=s, grid_pinpoints=cfg.image_grid_pinpoints,
                                           patch_size=cfg.vision_config.image_size) for s in bound["image_sizes"]]
 
+    def _pack_options(self, bound: dict[str, Any]) -> dict[str, Any]:
+        """The family's own options of ``pack_image_features``, from this call's arguments."""
+        return {"vision_feature_select_strategy": bound.get("vision_feature_select_strategy") or self.strategy}
+
     def _packer(self, bound: dict[str, Any], size: torch.Tensor):
         """``pack(t, fill)``: a (crops, N, C) per-crop map through the model's own packing; separators = fill."""
-        strategy = bound.get("vision_feature_select_strategy") or self.strategy
+        options = self._pack_options(bound)
 
         def pack(t: torch.Tensor, fill: float) -> torch.Tensor:
             newline = torch.full((t.shape[-1],), fill, dtype=t.dtype, device=t.device)
-            return self.base.pack_image_features([t], size, strategy, image_newline=newline)[0][0]
+            return self.base.pack_image_features([t], size, image_newline=newline, **options)[0][0]
 
         return pack
 
@@ -162,21 +165,16 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
 
     def __init__(self, model: nn.Module):
         super().__init__(model)
-        self.video_token_id = self.base.config.video_token_id
+        self.placeholders = {"image": self.image_token_id, "video": self.base.config.video_token_id}
 
     def install(self, runtime: Runtime) -> None:
         super().install(runtime)
         original = self.base.get_video_features
         self._set_instance_attr(self.base, "get_video_features", self._wrap_video_features(original))
 
-    def _packer(self, bound: dict[str, Any], size: torch.Tensor):
-        aspect = bound.get("vision_aspect_ratio") or getattr(self.base.config, "vision_aspect_ratio", "anyres_max_9")
-
-        def pack(t: torch.Tensor, fill: float) -> torch.Tensor:
-            newline = torch.full((t.shape[-1],), fill, dtype=t.dtype, device=t.device)
-            return self.base.pack_image_features([t], size, image_newline=newline, vision_aspect_ratio=aspect)[0][0]
-
-        return pack
+    def _pack_options(self, bound: dict[str, Any]) -> dict[str, Any]:
+        default = getattr(self.base.config, "vision_aspect_ratio", "anyres_max_9")
+        return {"vision_aspect_ratio": bound.get("vision_aspect_ratio") or default}
 
     def _crops_per_image(self, bound: dict[str, Any]) -> list[int]:
         counts = super()._crops_per_image(bound)
@@ -197,10 +195,7 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
             with self.rt.timed():
                 new, keeps = self._compress_video(feats)
             out.pooler_output = new
-            self.rt.last_keep = [k.detach().cpu() for k in keeps]
-            self.keeps.remember(new, keeps)
-            if self.call is not None:
-                self.call.keeps["video"] = keeps
+            self._remember_keeps(new, keeps, "video")
             return out
 
         return get_video_features
@@ -234,18 +229,3 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
             keeps.append(keep)
         self.rt.last_layouts = [lay] * b
         return torch.stack(out), keeps
-
-    def _base_pre(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]):
-        input_ids = kwargs.get("input_ids", args[0] if args else None)
-        if input_ids is None:
-            return super()._base_pre(module, args, kwargs)
-        enc = kwargs.get("mm_encoder_outputs") or {}
-        masks = {}
-        # a modality counts only when this call carries its features: a generated id that happens to equal
-        # a placeholder id is text to the model then
-        for name, token, pix in (("image", self.image_token_id, "pixel_values"),
-                                 ("video", self.video_token_id, "pixel_values_videos")):
-            if kwargs.get(pix) is not None or (isinstance(enc, dict) and enc.get(name) is not None):
-                masks[name] = input_ids == token
-        self._begin_call(kwargs, masks)
-        return None

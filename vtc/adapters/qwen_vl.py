@@ -139,10 +139,7 @@ class QwenVLAdapter(Adapter):
             with self.rt.timed():
                 new, keeps = self._compress(list(feats), grid)
             out.pooler_output = tuple(new)
-            self.rt.last_keep = [k.detach().cpu() for k in keeps]
-            self.keeps.remember(new, keeps)
-            if self.call is not None:
-                self.call.keeps[modality] = keeps
+            self._remember_keeps(out.pooler_output, keeps, modality)
             return out
 
         return wrapped

@@ -6,6 +6,23 @@ import torch
 IMAGE_TOKEN_ID = 100
 
 
+#: the shared tiny LM and vision-tower sizes (the vision tower is 32 wide, the LM 64)
+_TEXT = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+             max_position_embeddings=1024, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+_VISION = dict(hidden_size=32, intermediate_size=64, num_attention_heads=4)
+_PINPOINTS = [[32, 32], [32, 64], [64, 32], [64, 64]]
+
+
+def _build(model_cls, cfg, seed: int, attn: str):
+    """Seeded random weights, eval mode, the given attention backend, pad id 0 for generate()."""
+    cfg._attn_implementation = attn
+    torch.manual_seed(seed)
+    model = model_cls(cfg).eval()
+    model.set_attn_implementation(attn)
+    model.generation_config.pad_token_id = 0
+    return model
+
+
 def tiny_llava(
     seed: int = 0,
     image_size: int = 32,
@@ -18,44 +35,23 @@ def tiny_llava(
     """A LlavaForConditionalGeneration with a CLIP tower ((image_size/patch_size)^2 visual tokens) and a Llama LM."""
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
-    vision = CLIPVisionConfig(
-        image_size=image_size, patch_size=patch_size, hidden_size=32, intermediate_size=64,
-        num_hidden_layers=vision_layers, num_attention_heads=4, projection_dim=32,
-    )
-    text = LlamaConfig(
-        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=text_layers,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-        pad_token_id=0, bos_token_id=1, eos_token_id=2,
-    )
-    cfg = LlavaConfig(
-        vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN_ID,
-        vision_feature_layer=-2, vision_feature_select_strategy=strategy,
-    )
-    cfg._attn_implementation = attn
-    torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(cfg).eval()
-    model.set_attn_implementation(attn)
-    model.generation_config.pad_token_id = 0
-    return model
+    vision = CLIPVisionConfig(image_size=image_size, patch_size=patch_size, num_hidden_layers=vision_layers,
+                              projection_dim=32, **_VISION)
+    cfg = LlavaConfig(vision_config=vision, text_config=LlamaConfig(num_hidden_layers=text_layers, **_TEXT),
+                      image_token_id=IMAGE_TOKEN_ID, vision_feature_layer=-2, vision_feature_select_strategy=strategy)
+    return _build(LlavaForConditionalGeneration, cfg, seed, attn)
 
 
 def tiny_llava_next(seed: int = 0, attn: str = "sdpa", vision_layers: int = 3, text_layers: int = 2):
     """A LlavaNextForConditionalGeneration: 32x32 crops of 4x4 tokens, pinpoints up to 64x64 (2x2 crops)."""
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration
 
-    vision = CLIPVisionConfig(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64,
-                              num_hidden_layers=vision_layers, num_attention_heads=4, projection_dim=32)
-    text = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=text_layers,
-                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                       pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    cfg = LlavaNextConfig(vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN_ID,
-                          vision_feature_layer=-2, vision_feature_select_strategy="default",
-                          image_grid_pinpoints=[[32, 32], [32, 64], [64, 32], [64, 64]])
-    torch.manual_seed(seed)
-    model = LlavaNextForConditionalGeneration(cfg).eval()
-    model.set_attn_implementation(attn)
-    model.generation_config.pad_token_id = 0
-    return model
+    vision = CLIPVisionConfig(image_size=32, patch_size=8, num_hidden_layers=vision_layers, projection_dim=32,
+                              **_VISION)
+    cfg = LlavaNextConfig(vision_config=vision, text_config=LlamaConfig(num_hidden_layers=text_layers, **_TEXT),
+                          image_token_id=IMAGE_TOKEN_ID, vision_feature_layer=-2,
+                          vision_feature_select_strategy="default", image_grid_pinpoints=_PINPOINTS)
+    return _build(LlavaNextForConditionalGeneration, cfg, seed, attn)
 
 
 def tiny_llava_onevision(seed: int = 0, attn: str = "sdpa", vision_layers: int = 3, text_layers: int = 2):
@@ -64,20 +60,11 @@ def tiny_llava_onevision(seed: int = 0, attn: str = "sdpa", vision_layers: int =
     from transformers import (LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, Qwen2Config,
                               SiglipVisionConfig)
 
-    vision = SiglipVisionConfig(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64,
-                                num_hidden_layers=vision_layers, num_attention_heads=4)
-    text = Qwen2Config(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=text_layers,
-                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                       pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    cfg = LlavaOnevisionConfig(vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN_ID,
-                               video_token_id=QWEN_VIDEO, vision_feature_layer=-1,
-                               vision_feature_select_strategy="full",
-                               image_grid_pinpoints=[[32, 32], [32, 64], [64, 32], [64, 64]])
-    torch.manual_seed(seed)
-    model = LlavaOnevisionForConditionalGeneration(cfg).eval()
-    model.set_attn_implementation(attn)
-    model.generation_config.pad_token_id = 0
-    return model
+    vision = SiglipVisionConfig(image_size=32, patch_size=8, num_hidden_layers=vision_layers, **_VISION)
+    cfg = LlavaOnevisionConfig(vision_config=vision, text_config=Qwen2Config(num_hidden_layers=text_layers, **_TEXT),
+                               image_token_id=IMAGE_TOKEN_ID, video_token_id=QWEN_VIDEO, vision_feature_layer=-1,
+                               vision_feature_select_strategy="full", image_grid_pinpoints=_PINPOINTS)
+    return _build(LlavaOnevisionForConditionalGeneration, cfg, seed, attn)
 
 
 def llava_next_tokens(model, image_sizes: list[tuple[int, int]]) -> list[int]:
