@@ -1,8 +1,13 @@
-"""Prefill time of a LLaVA-1.5- or LLaVA-NeXT-shaped model, unpatched vs patched, measured in one process.
+"""Prefill time of a LLaVA-1.5-, LLaVA-NeXT- or OneVision-video-shaped model, unpatched vs patched, in one process.
 
     python benchmarks/prefill.py                      # CPU-sized LLM, ratios 0.5 / 0.25 / 0.11
     python benchmarks/prefill.py --device cuda --llm-layers 32 --llm-width 4096   # full 7B shape on a GPU
     python benchmarks/prefill.py --model llava-next --methods globalcom2,cls,uniform --ratios 0.25,0.1
+    python benchmarks/prefill.py --model onevision-video --methods cls,aim --ratios 0.25 --frames 32
+
+``onevision-video``: SigLIP-so400m/14-384 shape (27 layers, 1152 wide, 729 patches, no CLS; ``--vision-layers``
+shrinks its depth for a CPU run, and the ideal then counts the shrunk tower), each frame pooled 2x2 to
+14x14 = 196 tokens, 32 frames = 6,272 visual tokens + 1 newline, Qwen2 LM (scaled like the Llama).
 
 Vision tower: CLIP ViT-L/14-336 shape (24 layers, 1024 wide, 577 tokens), random weights. The Llama LM is
 scaled down in depth/width by default so a run fits a CPU. Prompt: 576 visual + ~40 text tokens; for
@@ -26,7 +31,8 @@ from flops import llama_flops, projector_flops, vit_flops  # noqa: E402
 
 def build(args):
     from transformers import (CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration,
-                              LlavaNextConfig, LlavaNextForConditionalGeneration)
+                              LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaOnevisionConfig,
+                              LlavaOnevisionForConditionalGeneration, Qwen2Config, SiglipVisionConfig)
 
     vision = CLIPVisionConfig(image_size=336, patch_size=14, hidden_size=1024, intermediate_size=4096,
                               num_hidden_layers=24, num_attention_heads=16, projection_dim=768)
@@ -35,7 +41,16 @@ def build(args):
                        num_key_value_heads=args.llm_width // 128, max_position_embeddings=4096)
     common = dict(vision_config=vision, text_config=text, image_token_id=32000, vision_feature_layer=-2,
                   vision_feature_select_strategy="default")
-    if args.model == "llava-next":  # llava-v1.6 pinpoints
+    if args.model == "onevision-video":
+        siglip = SiglipVisionConfig(image_size=384, patch_size=14, hidden_size=1152, intermediate_size=4304,
+                                    num_hidden_layers=args.vision_layers or 27, num_attention_heads=16)
+        qwen = Qwen2Config(vocab_size=152064, hidden_size=args.llm_width, intermediate_size=args.llm_width * 37 // 7,
+                           num_hidden_layers=args.llm_layers, num_attention_heads=args.llm_width // 128,
+                           num_key_value_heads=max(1, args.llm_width // 512), max_position_embeddings=32768)
+        cfg = LlavaOnevisionConfig(vision_config=siglip, text_config=qwen, image_token_id=151646, video_token_id=151647,
+                                   vision_feature_layer=-1, vision_feature_select_strategy="full")
+        cls = LlavaOnevisionForConditionalGeneration
+    elif args.model == "llava-next":  # llava-v1.6 pinpoints
         cfg, cls = LlavaNextConfig(**common, image_grid_pinpoints=[[336, 672], [672, 336], [672, 672], [1008, 336],
                                                                    [336, 1008]]), LlavaNextForConditionalGeneration
     else:
@@ -47,13 +62,15 @@ def build(args):
     return model.to(dtype).eval(), dtype
 
 
-def prefill_flops(cfg, visual: int, text: int, layer_visual: dict[int, int] | None = None, crops: int = 1) -> float:
+def prefill_flops(cfg, visual: int, text: int, layer_visual: dict[int, int] | None = None, crops: int = 1,
+                  patches: int = 577, projected: int | None = None) -> float:
     """Vision tower + projector + LLM; ``layer_visual`` gives visual tokens entering later layers (in-LLM pruning).
-    With ``crops`` > 1 (AnyRes) every crop goes through the tower and the projector (vtc selects after packing)."""
+    ``crops`` views (AnyRes crops or video frames) of ``patches`` tokens each go through the tower, and
+    ``projected`` tokens through the projector (vtc selects after projection/packing)."""
     v, t = cfg.vision_config, cfg.text_config
     per_layer = [text + (layer_visual or {}).get(j, visual) for j in range(t.num_hidden_layers)]
-    return (crops * vit_flops(577, v.num_hidden_layers, v.hidden_size, v.intermediate_size)
-            + projector_flops(crops * 576 if crops > 1 else visual, v.hidden_size, t.hidden_size)
+    return (crops * vit_flops(patches, v.num_hidden_layers, v.hidden_size, v.intermediate_size)
+            + projector_flops(projected if projected is not None else visual, v.hidden_size, t.hidden_size)
             + llama_flops(per_layer, t.num_hidden_layers, t.hidden_size, t.intermediate_size,
                           t.num_attention_heads, t.num_key_value_heads))
 
@@ -61,7 +78,9 @@ def prefill_flops(cfg, visual: int, text: int, layer_visual: dict[int, int] | No
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--model", default="llava", choices=["llava", "llava-next"])
+    ap.add_argument("--model", default="llava", choices=["llava", "llava-next", "onevision-video"])
+    ap.add_argument("--frames", type=int, default=32, help="onevision-video: frames (196 tokens each)")
+    ap.add_argument("--vision-layers", type=int, default=0, help="onevision-video: SigLIP depth (0: 27, the real one)")
     ap.add_argument("--llm-layers", type=int, default=8)
     ap.add_argument("--llm-width", type=int, default=2048)
     ap.add_argument("--methods", default="cls,uniform,fastv,aim",
@@ -74,22 +93,26 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     model, dtype = build(args)
     n_text = 40
-    if args.model == "llava-next":  # 672x672: thumbnail 576 + 48 rows x (48 tokens + newline)
-        crops, n_visual = 5, 576 + 48 * 49
-        pv = torch.randn(1, crops, 3, 336, 336, device=args.device, dtype=dtype)
-        extra = {"image_sizes": torch.tensor([[672, 672]], device=args.device)}
+    token, patches = 32000, 577
+    if args.model == "onevision-video":  # each frame: 27x27 SigLIP patches pooled to 14x14; one newline at the end
+        crops, n_visual, token, patches = args.frames, args.frames * 196 + 1, 151647, 729
+        projected = args.frames * 729
+        inputs = {"pixel_values_videos": torch.randn(1, args.frames, 3, 384, 384, device=args.device, dtype=dtype)}
+    elif args.model == "llava-next":  # 672x672: thumbnail 576 + 48 rows x (48 tokens + newline)
+        crops, n_visual, projected = 5, 576 + 48 * 49, 5 * 576
+        inputs = {"pixel_values": torch.randn(1, crops, 3, 336, 336, device=args.device, dtype=dtype),
+                  "image_sizes": torch.tensor([[672, 672]], device=args.device)}
     else:
-        crops, n_visual = 1, 576
-        pv = torch.randn(1, 3, 336, 336, device=args.device, dtype=dtype)
-        extra = {}
-    ids = torch.tensor([[1] + list(range(10, 45)) + [32000] * n_visual + [50, 51, 52, 53]], device=args.device)
+        crops, n_visual, projected = 1, 576, 576
+        inputs = {"pixel_values": torch.randn(1, 3, 336, 336, device=args.device, dtype=dtype)}
+    ids = torch.tensor([[1] + list(range(10, 45)) + [token] * n_visual + [50, 51, 52, 53]], device=args.device)
     sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
 
     def run_once() -> float:
         sync()
         t0 = time.perf_counter()
         with torch.inference_mode():
-            model(input_ids=ids, pixel_values=pv, use_cache=True, logits_to_keep=1, **extra)
+            model(input_ids=ids, use_cache=True, logits_to_keep=1, **inputs)
         sync()
         return time.perf_counter() - t0
 
@@ -115,15 +138,19 @@ def main() -> None:
             if rep:
                 times[c].append(dt)
     base_t = statistics.median(times[("none", 1.0)])
-    base_f = prefill_flops(model.config, n_visual, n_text, crops=crops)
+    geometry = dict(crops=crops, patches=patches, projected=projected)
+    base_f = prefill_flops(model.config, n_visual, n_text, **geometry)
     dev = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU x{torch.get_num_threads()} threads"
-    shape = "LLaVA-NeXT (672x672, 5 views)" if crops > 1 else "LLaVA-1.5"
-    print(f"{shape}-shaped prefill: ViT-L/14-336 + Llama {args.llm_layers}L x {args.llm_width}, {dtype}, {dev}; "
+    shape, parts = {"llava": ("LLaVA-1.5", "ViT-L/14-336 + Llama"),
+                    "llava-next": ("LLaVA-NeXT (672x672, 5 views)", "ViT-L/14-336 + Llama"),
+                    "onevision-video": (f"LLaVA-OneVision video ({args.frames} frames x 196)",
+                                        f"SigLIP-so400m {model.config.vision_config.num_hidden_layers}L + Qwen2")}[args.model]
+    print(f"{shape}-shaped prefill: {parts} {args.llm_layers}L x {args.llm_width}, {dtype}, {dev}; "
           f"median of {args.repeats}")
     print(f"{'method':8} {'ratio':>5} {'LLM-in':>6} {'prefill ms':>10} {'speedup':>8} {'ideal':>6} {'of ideal':>8} {'overhead':>8}")
     for c in configs:
         t = statistics.median(times[c])
-        ideal = base_f / prefill_flops(model.config, kept[c], n_text, layer_kept.get(c), crops=crops)
+        ideal = base_f / prefill_flops(model.config, kept[c], n_text, layer_kept.get(c), **geometry)
         sp = base_t / t
         ov = 100 * statistics.median(overhead[c]) / base_t if overhead[c] else 0.0
         print(f"{c[0]:8} {c[1]:5.2f} {kept[c]:6d} {t * 1e3:10.1f} {sp:7.2f}x {ideal:5.2f}x {100 * sp / ideal:7.0f}% {ov:7.2f}%")

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -33,6 +33,82 @@ def _generate(model, processor, batch: list[MMERecord], max_new_tokens: int) -> 
     return [t.strip() for t in processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)]
 
 
+def run_resumable(
+    model: Any,
+    records: Sequence[Any],
+    key: Callable[[Any], str],
+    generate: Callable[[list], list[str]],
+    describe: Callable[[Any, str], dict],
+    out: Path | None,
+    method: str | None,
+    ratio: float | None,
+    tokens: int | None,
+    hyperparameters: dict,
+    batch_size: int,
+    desc: str,
+    progress: bool,
+) -> tuple[list[dict], list, float]:
+    """Generate for every record not yet in ``out/predictions.jsonl`` (appended batch by batch, so an interrupted
+    run resumes), patching the model for the run when ``method`` is given; returns (predictions in record order,
+    compression stats, seconds spent generating)."""
+    done: dict[str, dict] = {}
+    if out:
+        out.mkdir(parents=True, exist_ok=True)
+        pred_file = out / "predictions.jsonl"
+        if pred_file.exists():
+            for line in pred_file.read_text().splitlines():
+                if line.strip():
+                    rec = json.loads(line)
+                    done[rec["key"]] = rec
+    todo = [r for r in records if key(r) not in done]
+    patch = vtc.patch(model, method, ratio=ratio, tokens=tokens, **hyperparameters) if method else None
+    t_gen = 0.0
+    try:
+        bar = tqdm(total=len(records), initial=len(records) - len(todo), disable=not progress,
+                   desc=f"{desc} {method or 'none'}{'' if ratio is None else f' r={ratio}'}")
+        for i in range(0, len(todo), batch_size):
+            batch = list(todo[i:i + batch_size])
+            t0 = time.perf_counter()
+            preds = generate(batch)
+            t_gen += time.perf_counter() - t0
+            lines = []
+            for r, p in zip(batch, preds):
+                rec = {"key": key(r), **describe(r, p)}
+                done[rec["key"]] = rec
+                lines.append(json.dumps(rec))
+            if out:
+                with open(out / "predictions.jsonl", "a") as f:
+                    f.write("\n".join(lines) + "\n")
+            bar.update(len(batch))
+        bar.close()
+        stats = patch.stats if patch else []
+    finally:
+        if patch:
+            vtc.unpatch(model)
+    return [done[key(r)] for r in records], stats, t_gen
+
+
+def compression_summary(model: Any, stats: list, method: str | None, t_gen: float) -> dict:
+    """Mean visual tokens before/after, the LLM-visual-token fraction (a FLOPs proxy that counts in-LLM pruning),
+    compression and generation seconds."""
+    before = [t for s in stats for t in s.tokens_before]
+    after = [t for s in stats for t in s.tokens_after]
+    n_layers = getattr(getattr(model.config, "text_config", model.config), "num_hidden_layers", 0)
+    fractions = []  # visual tokens processed per LLM layer / uncompressed
+    for s in stats:
+        for b, (t0, t1) in enumerate(zip(s.tokens_before, s.tokens_after)):
+            if t0 and n_layers:
+                per_layer = [s.layer_tokens.get(j, [t1] * (b + 1))[b] for j in range(n_layers)]
+                fractions.append(sum(per_layer) / (n_layers * t0))
+    return {
+        "visual_tokens_before": sum(before) / len(before) if before else None,
+        "visual_tokens_after": sum(after) / len(after) if after else None,
+        "llm_visual_fraction": sum(fractions) / len(fractions) if fractions else (None if method else 1.0),
+        "compress_seconds": sum(s.seconds for s in stats),
+        "generate_seconds_this_run": t_gen,
+    }
+
+
 def evaluate_mme(
     model: Any,
     processor: Any,
@@ -54,65 +130,20 @@ def evaluate_mme(
     """
     processor.tokenizer.padding_side = "left"
     out = Path(out_dir) if out_dir else None
-    done: dict[str, dict] = {}
-    if out:
-        out.mkdir(parents=True, exist_ok=True)
-        pred_file = out / "predictions.jsonl"
-        if pred_file.exists():
-            for line in pred_file.read_text().splitlines():
-                if line.strip():
-                    rec = json.loads(line)
-                    done[rec["key"]] = rec
-    todo = [r for r in records if _key(r) not in done]
-    patch = vtc.patch(model, method, ratio=ratio, tokens=tokens, **hyperparameters) if method else None
-    t_gen = 0.0
-    try:
-        bar = tqdm(total=len(records), initial=len(records) - len(todo), disable=not progress,
-                   desc=f"MME {method or 'none'}{'' if ratio is None else f' r={ratio}'}")
-        for i in range(0, len(todo), batch_size):
-            batch = list(todo[i:i + batch_size])
-            t0 = time.perf_counter()
-            preds = _generate(model, processor, batch, max_new_tokens)
-            t_gen += time.perf_counter() - t0
-            lines = []
-            for r, p in zip(batch, preds):
-                rec = {"key": _key(r), "question_id": r.question_id, "category": r.category, "question": r.question,
-                       "answer": r.answer, "prediction": p}
-                done[rec["key"]] = rec
-                lines.append(json.dumps(rec))
-            if out:
-                with open(out / "predictions.jsonl", "a") as f:
-                    f.write("\n".join(lines) + "\n")
-            bar.update(len(batch))
-        bar.close()
-        stats = patch.stats if patch else []
-    finally:
-        if patch:
-            vtc.unpatch(model)
-    preds = [done[_key(r)] for r in records]
-    before = [t for s in stats for t in s.tokens_before]
-    after = [t for s in stats for t in s.tokens_after]
-    n_layers = getattr(getattr(model.config, "text_config", model.config), "num_hidden_layers", 0)
-    fractions = []  # visual tokens processed per LLM layer / uncompressed, a FLOPs proxy that counts in-LLM pruning
-    for s in stats:
-        for b, (t0, t1) in enumerate(zip(s.tokens_before, s.tokens_after)):
-            if t0 and n_layers:
-                per_layer = [s.layer_tokens.get(j, [t1] * (b + 1))[b] for j in range(n_layers)]
-                fractions.append(sum(per_layer) / (n_layers * t0))
-    result = {
-        "config": {"method": method or "none", "ratio": ratio, "tokens": tokens, "hyperparameters": hyperparameters,
-                   "batch_size": batch_size, "max_new_tokens": max_new_tokens, "prompt": "lmms-eval MME default",
-                   **(config or {})},
-        "scores": mme_scores(preds),
-        "compression": {
-            "visual_tokens_before": sum(before) / len(before) if before else None,
-            "visual_tokens_after": sum(after) / len(after) if after else None,
-            "llm_visual_fraction": sum(fractions) / len(fractions) if fractions else (None if method else 1.0),
-            "compress_seconds": sum(s.seconds for s in stats),
-            "generate_seconds_this_run": t_gen,
-        },
-        "predictions": preds,
-    }
+    preds, stats, t_gen = run_resumable(
+        model, records, _key, lambda b: _generate(model, processor, b, max_new_tokens),
+        lambda r, p: {"question_id": r.question_id, "category": r.category, "question": r.question,
+                      "answer": r.answer, "prediction": p},
+        out, method, ratio, tokens, hyperparameters, batch_size, "MME", progress)
+    return save_results(out, {"method": method or "none", "ratio": ratio, "tokens": tokens,
+                              "hyperparameters": hyperparameters, "batch_size": batch_size,
+                              "max_new_tokens": max_new_tokens, "prompt": "lmms-eval MME default", **(config or {})},
+                        mme_scores(preds), compression_summary(model, stats, method, t_gen), preds)
+
+
+def save_results(out: Path | None, config: dict, scores: dict, compression: dict, preds: list[dict]) -> dict:
+    """The run's result dict (config, scores, compression, predictions), also written to ``out/results.json``."""
+    result = {"config": config, "scores": scores, "compression": compression, "predictions": preds}
     if out:
         (out / "results.json").write_text(json.dumps(result, indent=1))
     return result
@@ -121,33 +152,47 @@ def evaluate_mme(
 def sweep(
     model: Any,
     processor: Any,
-    records: Sequence[MMERecord],
+    records: Sequence[Any],
     out_dir: str | Path,
     methods: Sequence[str] = ("cls", "random", "uniform", "pool"),
     ratios: Sequence[float] = (1.0, 0.5, 0.25, 0.11),
     batch_size: int = 8,
     progress: bool = True,
     config: dict | None = None,
+    bench: str = "mme",
+    **eval_kwargs: Any,
 ) -> list[dict]:
-    """Evaluate every method at every ratio (ratio 1.0 is exactly the unpatched model, so it is run once),
-    write ``table.md``, ``sweep.json`` and ``sweep.png`` (score vs ratio, one line per method)."""
+    """Evaluate every method at every ratio on MME (``bench="mme"``) or Video-MME (``"videomme"``; ``eval_kwargs``
+    such as ``frames`` go to the evaluator). Ratio 1.0 is exactly the unpatched model, so it is run once.
+    Writes ``table.md``, ``sweep.json``, ``sweep.png`` (score vs ratio, one line per method) and
+    ``sweep_flops.png`` (score vs the LLM-visual-token fraction)."""
+    if bench == "mme":
+        evaluate, ylabel = evaluate_mme, "MME perception score"
+    elif bench == "videomme":
+        from .videomme_runner import evaluate_videomme as evaluate
+        ylabel = "Video-MME accuracy (%)"
+    else:
+        raise ValueError(f"bench must be 'mme' or 'videomme'; got {bench!r}")
     out = Path(out_dir)
     rows = []
-    base = evaluate_mme(model, processor, records, out / "none_1.0", batch_size=batch_size, progress=progress,
-                        config=config)
+    base = evaluate(model, processor, records, out / "none_1.0", batch_size=batch_size, progress=progress,
+                    config=config, **eval_kwargs)
     for m in methods:
         for r in ratios:
-            res = base if r >= 1.0 else evaluate_mme(model, processor, records, out / f"{m}_{r}", method=m, ratio=r,
-                                                     batch_size=batch_size, progress=progress, config=config)
+            res = base if r >= 1.0 else evaluate(model, processor, records, out / f"{m}_{r}", method=m, ratio=r,
+                                                 batch_size=batch_size, progress=progress, config=config, **eval_kwargs)
             s = res["scores"]
-            rows.append({"method": m, "ratio": r, "perception": s["perception"], "accuracy": s["question_accuracy"],
+            if bench == "mme":
+                score, acc, cats = s["perception"], s["question_accuracy"], {c: v["score"] for c, v in s["categories"].items()}
+            else:
+                score, acc, cats = s["accuracy"], s["accuracy"] / 100, s["by_task_type"]
+            rows.append({"method": m, "ratio": r, "score": score, "accuracy": acc,
                          "tokens": res["compression"]["visual_tokens_after"],
-                         "llm_fraction": res["compression"]["llm_visual_fraction"] or 1.0,
-                         "categories": {c: v["score"] for c, v in s["categories"].items()}})
+                         "llm_fraction": res["compression"]["llm_visual_fraction"] or 1.0, "categories": cats})
     (out / "sweep.json").write_text(json.dumps(rows, indent=1))
     (out / "table.md").write_text(sweep_table(rows))
-    plot_sweep(rows, out / "sweep.png", ylabel="MME perception score")
-    plot_sweep(rows, out / "sweep_flops.png", ylabel="MME perception score", x="llm_fraction")
+    plot_sweep(rows, out / "sweep.png", ylabel=ylabel)
+    plot_sweep(rows, out / "sweep_flops.png", ylabel=ylabel, x="llm_fraction")
     return rows
 
 
@@ -161,7 +206,7 @@ def sweep_table(rows: list[dict]) -> str:
         cells = []
         for x in ratios:
             r = lookup.get((m, x))
-            cells.append(f"{r['perception']:.1f} ({100 * r['accuracy']:.1f}%)" if r else "")
+            cells.append(f"{r['score']:.1f} ({100 * r['accuracy']:.1f}%)" if r else "")
         body += f"| {m} | " + " | ".join(cells) + " |\n"
     body += "\nVisual tokens processed per LLM layer, as a fraction of the uncompressed model (FLOPs proxy):\n\n"
     body += "| method | " + " | ".join(f"r={x:g}" for x in ratios) + " |\n|---|" + "---|" * len(ratios) + "\n"
@@ -171,7 +216,7 @@ def sweep_table(rows: list[dict]) -> str:
     return head + body
 
 
-def plot_sweep(rows: list[dict], path: str | Path, ylabel: str, key: str = "perception", x: str = "ratio") -> None:
+def plot_sweep(rows: list[dict], path: str | Path, ylabel: str, key: str = "score", x: str = "ratio") -> None:
     import matplotlib
 
     matplotlib.use("Agg")

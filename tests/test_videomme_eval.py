@@ -1,0 +1,160 @@
+"""Video-MME: lmms-eval prompt and letter extraction on hand cases, scoring, ShapesVideo clips and records."""
+import json
+
+import numpy as np
+import pytest
+
+from vtc.eval.videomme_data import load_videomme, write_shapes_video
+from vtc.eval.videomme_scoring import extract_letter, videomme_prompt, videomme_scores
+from vtc.zoo.shapes import COLORS
+from vtc.zoo.shapes_video import DURATIONS, TASKS, ShapesVideoGenerator
+
+
+@pytest.mark.parametrize("reply,letter", [
+    ("The answer is (C).", "C"),
+    ("B", "B"),
+    ("B. left", "B"),
+    ("(D) down", "D"),
+    ("The best answer is A", "A"),
+    ("the object moves towards the left side of the frame and then it stops there", ""),  # > 10 words, no A-D
+    ("I think it moves left", ""),  # short, no capital A-D
+    ("Answer: the red one, option C", "A"),  # first capital A-D anywhere, as lmms-eval does
+    ("The best option is B", "B"),
+    ("", ""),
+])
+def test_extract_letter_hand_cases(reply, letter):
+    assert extract_letter(reply) == letter
+
+
+def test_extract_letter_keeps_lmms_eval_missing_comma_quirk():
+    # "The best option is" "The correct option is" is ONE prefix in lmms-eval, so "The best option is" alone is
+    # not stripped; its capital letters are still not A-D, so this only matters through the word count:
+    long_reply = "The best option is that the red circle keeps moving to the left of the frame"
+    assert extract_letter(long_reply) == ""
+    assert extract_letter("The answer D") == "D"  # "The answer" is stripped, then D found
+
+
+def test_prompt_matches_lmms_eval_layout():
+    p = videomme_prompt("Which way?", ["A. left", "B. right", "C. up", "D. down"])
+    assert p == ("Select the best answer to the following multiple-choice question based on the video. Respond with "
+                 "only the letter (A, B, C, or D) of the correct option.\nWhich way?\nA. left\nB. right\nC. up\nD. down"
+                 "\n\nAnswer with the option's letter from the given choices directly.")
+
+
+def test_scores_overall_and_breakdowns():
+    rows = [
+        {"answer": "A", "prediction": "A", "duration": "short", "task_type": "Counting Problem", "domain": "X"},
+        {"answer": "B", "prediction": "The answer is (B).", "duration": "short", "task_type": "Temporal Reasoning", "domain": "X"},
+        {"answer": "C", "prediction": "D", "duration": "long", "task_type": "Counting Problem", "domain": "X"},
+        {"answer": "D", "prediction": "no idea at all what this could be, honestly, sorry about it", "duration": "long",
+         "task_type": "Temporal Reasoning", "domain": "Y"},
+    ]
+    s = videomme_scores(rows)
+    assert s["accuracy"] == 50.0 and s["questions"] == 4
+    assert s["by_duration"] == {"long": 0.0, "short": 100.0}
+    assert s["by_task_type"] == {"Counting Problem": 50.0, "Temporal Reasoning": 50.0}
+    assert s["by_domain"] == {"X": pytest.approx(66.67), "Y": 0.0}
+
+
+def _objects(frame: np.ndarray) -> np.ndarray:
+    """Mask of non-background pixels (objects are saturated colours; the background is near white)."""
+    return frame.astype(int).min(-1) < 200
+
+
+def _centroid(frame):
+    ys, xs = np.nonzero(_objects(frame))
+    return xs.mean(), ys.mean()
+
+
+@pytest.mark.parametrize("duration", list(DURATIONS))
+def test_clips_answer_matches_what_is_drawn(duration):
+    gen = ShapesVideoGenerator(5)
+    for _ in range(6):
+        c = gen.clip("motion", duration)
+        assert len(c.frames) == DURATIONS[duration] and c.frames[0].shape == (112, 112, 3)
+        (x0, y0), (x1, y1) = _centroid(c.frames[0]), _centroid(c.frames[-1])
+        moved = {"left": x0 - x1, "right": x1 - x0, "up": y0 - y1, "down": y1 - y0}
+        truth = max(moved, key=moved.get)
+        assert dict(o.split(". ") for o in c.options)[c.answer] == truth
+        c = gen.clip("change", duration)
+        last = c.frames[-1][_objects(c.frames[-1])].mean(0)
+        nearest = min(COLORS, key=lambda k: np.abs(np.array(COLORS[k]) - last).sum())
+        assert dict(o.split(". ") for o in c.options)[c.answer] == nearest
+        c = gen.clip("order", duration)
+        first = next(f for f in c.frames if _objects(f).any())
+        assert all(_objects(f).sum() >= _objects(first).sum() for f in c.frames if _objects(f).any())
+        c = gen.clip("count", duration)
+        assert len(c.options) == 4 and c.answer in "ABCD" and sorted(o[0] for o in c.options) == list("ABCD")
+
+
+def test_count_objects_are_seen_in_eight_uniform_frames():
+    """Every flashed object is visible in some frame of an 8-frame uniform sample (the clip's design promise)."""
+    from vtc.video import sample_indices
+
+    gen = ShapesVideoGenerator(7)
+    for _ in range(10):
+        c = gen.clip("count", "long")
+        segments = []  # runs of identical frames = one object each
+        for t, f in enumerate(c.frames):
+            if t == 0 or not np.array_equal(f, c.frames[t - 1]):
+                segments.append([t])
+            else:
+                segments[-1].append(t)
+        idx = set(sample_indices(len(c.frames), 8))
+        assert all(idx & set(s) for s in segments)
+
+
+def test_generator_is_deterministic_and_validates():
+    a, b = ShapesVideoGenerator(3).clip("order", "short"), ShapesVideoGenerator(3).clip("order", "short")
+    assert a.question == b.question and a.options == b.options and all(np.array_equal(x, y) for x, y in zip(a.frames, b.frames))
+    with pytest.raises(ValueError, match="unknown task"):
+        ShapesVideoGenerator(0).clip("nope", "short")
+    with pytest.raises(ValueError, match="unknown duration"):
+        ShapesVideoGenerator(0).clip("order", "forever")
+
+
+def test_write_and_load_both_record_formats(tmp_path):
+    out = write_shapes_video(tmp_path / "sv", seed=11, per_cell=1)
+    recs = load_videomme(out)
+    assert len(recs) == len(DURATIONS) * len(TASKS)
+    assert {r.task_type for r in recs} == set(TASKS.values()) and {r.duration for r in recs} == set(DURATIONS)
+    r = recs[0]
+    assert r.video_path.endswith(f"data/{r.videoID}.mp4") and r.answer in "ABCD" and len(r.options) == 4
+    (out / "videomme.parquet").unlink()  # the JSON copy alone loads the same records
+    again = load_videomme(out)
+    assert [(x.question_id, x.options, x.answer) for x in again] == [(x.question_id, x.options, x.answer) for x in recs]
+    rows = json.loads((out / "videomme.json").read_text())
+    del rows[0]["task_type"]
+    (out / "bad.json").write_text(json.dumps(rows))
+    with pytest.raises(ValueError, match="lacks \\['task_type'\\]"):
+        load_videomme(out / "bad.json")
+
+
+def test_evaluate_videomme_resumes_and_scores(tmp_path):
+    """End to end on a random tiny Qwen2-VL: predictions are written, a rerun reuses them, scores are consistent."""
+    from vtc.eval.videomme_runner import evaluate_videomme
+    from vtc.zoo.models import default_video_model
+
+    model, proc, _ = default_video_model()
+    recs = load_videomme(write_shapes_video(tmp_path / "sv", seed=12, per_cell=1))[:3]
+    res = evaluate_videomme(model, proc, recs, tmp_path / "run", frames=8, method="uniform", ratio=0.5,
+                            batch_size=2, max_new_tokens=3, progress=False)
+    assert res["compression"]["visual_tokens_before"] == 784 and res["compression"]["visual_tokens_after"] == 392
+    lines = (tmp_path / "run" / "predictions.jsonl").read_text().splitlines()
+    assert len(lines) == 3
+    again = evaluate_videomme(model, proc, recs, tmp_path / "run", frames=8, method="uniform", ratio=0.5,
+                              batch_size=2, max_new_tokens=3, progress=False)
+    assert again["predictions"] == res["predictions"] and again["compression"]["visual_tokens_before"] is None
+    assert res["scores"] == videomme_scores(res["predictions"])
+
+
+def test_cli_writes_data_and_evaluates(tmp_path, capsys):
+    from vtc.cli import main
+
+    assert main(["data", "shapes-video", "--out", str(tmp_path / "sv"), "--per-cell", "1"]) == 0
+    assert main(["eval", "videomme", "--data", str(tmp_path / "sv"), "--limit", "2", "--frames", "8",
+                 "--method", "cls", "--ratio", "0.25", "--quiet", "--max-new-tokens", "2"]) == 0
+    out = capsys.readouterr().out
+    res = json.loads(out[out.index("{"):])
+    assert res["questions"] == 2 and res["visual_tokens"] == [784.0, 196.0] and res["frames"] == 8
+    assert main(["eval", "videomme", "--data", str(tmp_path / "sv"), "--ratio", "0.5"]) == 2  # --ratio needs --method

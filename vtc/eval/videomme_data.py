@@ -1,0 +1,91 @@
+"""Video-MME data: records in the lmms-eval schema (parquet or JSON) plus ``data/<videoID>.mp4`` videos."""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+VIDEO_EXTS = (".mp4", ".MP4", ".mkv")
+FIELDS = ("videoID", "question_id", "duration", "domain", "sub_category", "task_type", "question", "options", "answer")
+
+
+@dataclass
+class VideoMMERecord:
+    videoID: str
+    question_id: str
+    duration: str  # short | medium | long
+    domain: str
+    sub_category: str
+    task_type: str
+    question: str
+    options: list[str]  # ["A. ...", "B. ...", "C. ...", "D. ..."]
+    answer: str  # a letter
+    video_path: str | None = None
+
+
+def _find_video(root: Path, video_id: str) -> str | None:
+    for folder in (root / "data", root):
+        for ext in VIDEO_EXTS:
+            if (folder / (video_id + ext)).exists():
+                return str(folder / (video_id + ext))
+    return None
+
+
+def load_videomme(path: str | Path, video_dir: str | Path | None = None) -> list[VideoMMERecord]:
+    """Records from a parquet/JSON file or a folder holding one (``videomme.parquet``, ``test-*.parquet`` or
+    ``*.json``); videos are looked up as ``<video_dir or the folder>/data/<videoID>.mp4`` (or .MP4/.mkv)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no Video-MME data at {path}")
+    files = [path] if path.is_file() else (sorted(path.glob("*.parquet")) + sorted(path.glob("videomme/*.parquet"))
+                                           or sorted(path.glob("*.json")))
+    if not files:
+        raise ValueError(f"{path} holds no Video-MME parquet or JSON records")
+    rows: list[dict] = []
+    for f in files:
+        if f.suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            rows += pq.read_table(f).to_pylist()
+        else:
+            rows += json.loads(f.read_text())
+    root = Path(video_dir) if video_dir else (path if path.is_dir() else path.parent)
+    out = []
+    for row in rows:
+        missing = [k for k in FIELDS if k not in row]
+        if missing:
+            raise ValueError(f"a Video-MME record lacks {missing} (question_id={row.get('question_id')})")
+        rec = VideoMMERecord(**{k: row[k] for k in FIELDS})
+        rec.options = list(rec.options)
+        rec.video_path = _find_video(root, rec.videoID)
+        if rec.video_path is None:
+            raise FileNotFoundError(f"no video for {rec.videoID} under {root / 'data'} ({'/'.join(VIDEO_EXTS)})")
+        out.append(rec)
+    return out
+
+
+def write_shapes_video(out: str | Path, seed: int, per_cell: int = 2, side: int = 112) -> Path:
+    """Write a ShapesVideo split: ``data/<videoID>.mp4`` and the records as ``videomme.parquet`` and
+    ``videomme.json``; ``per_cell`` clips for each task type x duration, one question each."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from ..video import write_video
+    from ..zoo.shapes_video import DURATIONS, FPS, TASKS, ShapesVideoGenerator
+
+    out = Path(out)
+    (out / "data").mkdir(parents=True, exist_ok=True)
+    gen = ShapesVideoGenerator(seed, side=side)
+    records = []
+    for duration in DURATIONS:
+        for task, task_type in TASKS.items():
+            for _ in range(per_cell):
+                clip = gen.clip(task, duration)
+                vid = f"shapes-{seed}-{len(records):04d}"
+                write_video(clip.frames, out / "data" / f"{vid}.mp4", fps=FPS)
+                records.append(VideoMMERecord(vid, f"{vid}-1", duration, "Synthetic", "Shapes", task_type,
+                                              clip.question, clip.options, clip.answer))
+    rows = [{k: v for k, v in asdict(r).items() if k != "video_path"} for r in records]
+    pq.write_table(pa.Table.from_pylist(rows), out / "videomme.parquet")
+    (out / "videomme.json").write_text(json.dumps(rows, indent=1))
+    return out

@@ -1,0 +1,66 @@
+"""Batched, resumable Video-MME evaluation of a (possibly patched) video model."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from ..video import load_video
+from .runner import compression_summary, run_resumable, save_results
+from .videomme_data import VideoMMERecord
+from .videomme_scoring import POST_PROMPT, extract_letter, videomme_prompt, videomme_scores
+
+
+def _generate(model, processor, batch: list[VideoMMERecord], frames: int, max_new_tokens: int,
+              post_prompt: str) -> list[str]:
+    prompts, videos = [], []
+    for r in batch:
+        text = videomme_prompt(r.question, r.options, post_prompt)
+        conv = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": text}]}]
+        prompts.append(processor.apply_chat_template(conv, add_generation_prompt=True))
+        videos.append(list(load_video(r.video_path, frames)[0]))
+    inputs = processor(text=prompts, videos=videos, return_tensors="pt", padding=True).to(model.device)
+    for k in ("pixel_values_videos",):
+        if k in inputs:
+            inputs[k] = inputs[k].to(model.dtype)
+    with torch.inference_mode():
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    return [t.strip() for t in processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)]
+
+
+def evaluate_videomme(
+    model: Any,
+    processor: Any,
+    records: Sequence[VideoMMERecord],
+    out_dir: str | Path | None = None,
+    frames: int = 32,
+    method: str | None = None,
+    ratio: float | None = None,
+    tokens: int | None = None,
+    batch_size: int = 4,
+    max_new_tokens: int = 16,
+    post_prompt: str = POST_PROMPT,
+    config: dict | None = None,
+    progress: bool = True,
+    **hyperparameters: Any,
+) -> dict:
+    """Video-MME (w/o subtitles) with lmms-eval's prompt and letter extraction, ``frames`` sampled uniformly.
+
+    With ``method`` the model is patched for the run and unpatched after; predictions go to
+    ``out_dir/predictions.jsonl`` as they come (resumable) and ``out_dir/results.json`` gets the config, scores
+    (overall and by duration / task type / domain), compression stats and predictions."""
+    processor.tokenizer.padding_side = "left"
+    out = Path(out_dir) if out_dir else None
+    preds, stats, t_gen = run_resumable(
+        model, records, lambda r: r.question_id,
+        lambda b: _generate(model, processor, b, frames, max_new_tokens, post_prompt),
+        lambda r, p: {"question_id": r.question_id, "videoID": r.videoID, "duration": r.duration,
+                      "domain": r.domain, "task_type": r.task_type, "answer": r.answer, "prediction": p,
+                      "extracted": extract_letter(p)},
+        out, method, ratio, tokens, hyperparameters, batch_size, "Video-MME", progress)
+    return save_results(out, {"method": method or "none", "ratio": ratio, "tokens": tokens,
+                              "hyperparameters": hyperparameters, "frames": frames, "batch_size": batch_size,
+                              "max_new_tokens": max_new_tokens, "prompt": "lmms-eval Video-MME (w/o subtitles)",
+                              "post_prompt": post_prompt, **(config or {})},
+                        videomme_scores(preds), compression_summary(model, stats, method, t_gen), preds)
