@@ -1,6 +1,6 @@
 """Image VQA with visual-token compression.
 
-    python examples/vqa.py --question "Is there a red circle in the image?" --method cls --ratio 0.25
+    python examples/vqa.py --question "Is there a circle in the image?" --method cls --ratio 0.25
     python examples/vqa.py --model /path/to/llava-1.5-7b-hf --image photo.jpg --question "What is shown?"
 
 Without --model it runs the bundled toy LLaVA offline; without --image it draws a ShapesMME scene.
@@ -41,7 +41,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", help="local llava-hf checkpoint folder (default: bundled toy model)")
     ap.add_argument("--image", help="image path (default: a generated ShapesMME scene)")
-    ap.add_argument("--question", default="Is there a red circle in the image?")
+    ap.add_argument("--question", default="Is there a circle in the image?")
     add_compression_args(ap, "fraction of visual tokens kept (default 0.25)")
     ap.add_argument("--save-overlay", metavar="PNG", help="write the image with kept patches highlighted")
     ap.add_argument("--seed", type=int, default=0, help="seed of the generated scene")

@@ -1,0 +1,78 @@
+"""Training targets of the toy trainer on hand-built scenes: per-patch labels and answer-position summaries."""
+import torch
+
+from vtc.zoo.shapes import Obj, Scene
+from vtc.zoo.summary_aux import HEADS, SummaryHeads, summary_targets
+from vtc.zoo.train_toy import PATCH_TARGETS, patch_labels
+
+SCENE = Scene([Obj("square", "blue", "large", (16, 16, 40, 40)),  # patches rows/cols 2..4 of a 14x14 grid (8 px)
+               Obj("circle", "red", "small", (80, 8, 88, 16))], digit="7", digit_box=(96, 96, 104, 104))
+
+
+def test_patch_labels_hand_case():
+    lab = patch_labels(SCENE, 112, 14)
+    assert lab.shape == (len(PATCH_TARGETS), 196)
+    square = [r * 14 + c for r in (2, 3, 4) for c in (2, 3, 4)]
+    assert set(torch.nonzero(lab[1] == 2).flatten().tolist()) == set(square)  # shape index 1 ("square") + 1
+    assert (lab[0, square] == 3).all()  # colour "blue" is the third colour
+    assert (lab[3, square] == 1 + 2 * 4 + 1).all()  # conjunction: 1 + colour * 4 + shape
+    assert torch.nonzero(lab[4]).flatten().tolist() == [1 * 14 + 10, 3 * 14 + 3]  # one centre patch per object
+    assert lab[4, 3 * 14 + 3] == 2 and lab[4, 1 * 14 + 10] == 1  # square, circle
+    assert (lab[2, 12 * 14 + 12] == 8) and (lab[2] > 0).sum() == 1  # digit 7 -> 8
+    assert (lab[0] == 1).sum() >= 1 and (lab[0, 1 * 14 + 10] == 1)  # the small red circle's patch
+
+
+def test_summary_targets_parse_each_category():
+    t = summary_targets("Is the square on the right of the circle?", SCENE, 112)
+    assert (t["q_shape"], t["q_shape2"], t["q_relation"], t["q_color"]) == (2, 1, 2, 0)
+    # present: colours (red, green, blue, yellow, purple) then shapes (circle, square, triangle, cross)
+    assert t["present"].nonzero().flatten().tolist() == [0, 2, 5, 6]
+    assert abs(t["xpos"][1].item() - 28 / 112) < 1e-6 and abs(t["xpos"][0].item() - 84 / 112) < 1e-6
+    assert t["xmask"].tolist() == [1, 1, 0, 0] and t["count"].tolist() == [1, 1, 0, 0] and t["digit"] == 8
+    t = summary_targets("Are there three crosses in the image?", SCENE, 112)
+    assert (t["q_number"], t["q_shape"], t["q_color"]) == (4, 4, 0)
+    t = summary_targets("Is there a green object in the image?", SCENE, 112)
+    assert (t["q_color"], t["q_shape"]) == (2, 0)
+    t = summary_targets("Is there a triangle in the image?", SCENE, 112)
+    assert (t["q_color"], t["q_shape"]) == (0, 3)
+    t = summary_targets("Is the number 4 written in the image?", SCENE, 112)
+    assert t["q_digit"] == 5 and t["q_shape"] == 0
+    t = summary_targets("Describe the image.", SCENE, 112)  # caption rows: nothing asked
+    assert all(t[k] == 0 for k in ("q_color", "q_shape", "q_number", "q_digit", "q_relation"))
+
+
+def test_summary_heads_loss_is_finite_and_trains():
+    torch.manual_seed(0)
+    heads = SummaryHeads(16, 2)
+    assert set(heads.sets[0].keys()) == set(HEADS)
+    targets = [summary_targets("Is there a circle in the image?", SCENE, 112)] * 4
+    h = [torch.randn(4, 16), torch.randn(4, 16)]
+    opt = torch.optim.Adam(heads.parameters(), 1e-2)
+    first = heads.loss(h, targets)
+    for _ in range(50):
+        loss = heads.loss(h, targets)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert torch.isfinite(first) and loss < first / 4
+
+
+def test_questions_are_balanced_single_attribute_lookups():
+    """Every test-style image has one Yes and one No question; each names one shape, colour or digit."""
+    import re
+
+    from vtc.zoo.shapes import CATEGORIES, COLORS, SHAPES, ShapesGenerator, plural
+
+    gen = ShapesGenerator(3000)
+    words = set(SHAPES) | {plural(s) for s in SHAPES} | set(COLORS)
+    for cat in CATEGORIES:
+        for _ in range(10):
+            _, scene = gen.sample(cat)
+            assert [a for _, a in scene.qa] == ["Yes", "No"]
+            for q, a in scene.qa:
+                named = [w for w in re.findall(r"\w+", q) if w in words]
+                assert len(named) == (2 if cat == "position" else 0 if cat == "OCR" else 1), q
+                if cat == "existence":
+                    assert (named[0] in {o.shape for o in scene.objects}) == (a == "Yes")
+                if cat == "color":
+                    assert (named[0] in {o.color for o in scene.objects}) == (a == "Yes")

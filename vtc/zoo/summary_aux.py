@@ -1,0 +1,103 @@
+"""Training-only auxiliary heads for the toy VQA stage (not part of the shipped checkpoint).
+
+A from-scratch LM answering ShapesMME yes/no questions sits on a long plateau: the answer needs the question's
+attributes *and* the image's content at the answer position, and under the near-uniform attention of a fresh
+model each arrives diluted ~200x, so neither attention pattern is rewarded before the other exists. Linear heads
+on the answer position's hidden states that predict each factor on its own (what the question asks: colour,
+shape, number, digit, relation; what the scene holds: colours and shapes present, per-shape counts, digit,
+x-position of each shape) reward both attention patterns independently and break the plateau.
+"""
+from __future__ import annotations
+
+import re
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .shapes import COLORS, NUMBERS, SHAPES, Scene, plural
+
+_C, _S = list(COLORS), list(SHAPES)
+_PLURAL = {plural(s): s for s in SHAPES}
+HEADS = {"present": len(_C) + len(_S), "xpos": len(_S), "digit": 11, "count": 6 * len(_S), "q_color": len(_C) + 1,
+         "q_shape": len(_S) + 1, "q_shape2": len(_S) + 1, "q_number": len(NUMBERS) + 1, "q_digit": 11,
+         "q_relation": 3}
+_QUESTION_KEYS = ("q_color", "q_shape", "q_shape2", "q_number", "q_digit", "q_relation")
+
+
+def summary_targets(question: str, scene: Scene, canvas: int) -> dict[str, torch.Tensor | int]:
+    """Targets for one (question, scene): scene summary and question parse (0 = not asked)."""
+    t: dict = {"present": torch.zeros(len(_C) + len(_S)), "xpos": torch.zeros(len(_S)), "xmask": torch.zeros(len(_S)),
+               "count": torch.zeros(len(_S), dtype=torch.long), **{k: 0 for k in _QUESTION_KEYS}}
+    for o in scene.objects:
+        s = _S.index(o.shape)
+        t["present"][_C.index(o.color)] = t["present"][len(_C) + s] = 1.0
+        t["xpos"][s] += o.cx / canvas
+        t["xmask"][s] += 1.0
+        t["count"][s] += 1
+    t["xpos"] = t["xpos"] / t["xmask"].clamp(min=1)  # mean x of each shape's objects
+    t["xmask"] = (t["xmask"] > 0).float()
+    t["count"] = t["count"].clamp(max=5)
+    t["digit"] = 0 if scene.digit is None else int(scene.digit) + 1
+    q = question
+    if m := re.match(r"Is there an? (\w+) object in", q):
+        t["q_color"] = _C.index(m[1]) + 1
+    elif m := re.match(r"Is there an? (\w+) in", q):
+        t["q_shape"] = _S.index(m[1]) + 1
+    elif m := re.match(r"Are there (\w+) (\w+) in", q):
+        t["q_number"], t["q_shape"] = NUMBERS.index(m[1]) + 1, _S.index(_PLURAL[m[2]]) + 1
+    elif m := re.match(r"Is the (\w+) on the (left|right) of the (\w+)\?", q):
+        t["q_shape"], t["q_shape2"] = _S.index(m[1]) + 1, _S.index(m[3]) + 1
+        t["q_relation"] = 1 if m[2] == "left" else 2
+    elif m := re.match(r"Is the number (\d) written", q):
+        t["q_digit"] = int(m[1]) + 1
+    return t
+
+
+class SummaryHeads(nn.Module):
+    """One set of linear heads per probed LM layer (:meth:`loss` sums their losses), plus a per-visual-token
+    relevance probe (:meth:`relevance_loss`)."""
+
+    def __init__(self, hidden: int, n_layers: int):
+        super().__init__()
+        self.sets = nn.ModuleList([nn.ModuleDict({k: nn.Linear(hidden, n) for k, n in HEADS.items()})
+                                   for _ in range(n_layers)])
+        self.relevance = nn.Linear(hidden, 1)
+
+    def relevance_loss(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """hidden: (rows, N, hidden) states of the visual tokens; targets: (rows, N) 0/1. Positives are rare,
+        so they are weighted up (x10)."""
+        logits = self.relevance(hidden).squeeze(-1)
+        return F.binary_cross_entropy_with_logits(logits, targets, pos_weight=torch.tensor(10.0))
+
+    def loss(self, hidden: list[torch.Tensor], targets: list[dict]) -> torch.Tensor:
+        """hidden: one (rows, hidden) tensor per probed layer; targets: one dict per row."""
+        stack = {k: torch.stack([t[k] for t in targets]) for k in ("present", "xpos", "xmask", "count")}
+        ints = {k: torch.tensor([t[k] for t in targets]) for k in ("digit", *_QUESTION_KEYS)}
+        total = torch.zeros(())
+        for heads, h in zip(self.sets, hidden):
+            total = total + F.binary_cross_entropy_with_logits(heads["present"](h), stack["present"])
+            err = (torch.sigmoid(heads["xpos"](h)) - stack["xpos"]) ** 2 * stack["xmask"]
+            total = total + 10 * err.sum() / stack["xmask"].sum().clamp(min=1)
+            total = total + F.cross_entropy(heads["count"](h).view(-1, len(_S), 6).flatten(0, 1), stack["count"].flatten())
+            for k, v in ints.items():
+                total = total + F.cross_entropy(heads[k](h), v)
+        return total
+
+
+def relevance_targets(question: str, labels: torch.Tensor) -> torch.Tensor:
+    """(N,) 0/1: the visual tokens the question is about, from per-patch labels (colour, shape, digit, ...) as
+    built by ``train_toy.patch_labels``: the asked shape's (or colour's) patches, both shapes of a position
+    question, the digit's patches when it is the asked digit. A linear probe on the image tokens' hidden states
+    learns this per-token match, which the answer position then only has to detect."""
+    colour, shape, digit = labels[0], labels[1], labels[2]
+    t = summary_targets(question, Scene([]), 1)
+    if t["q_digit"]:
+        rel = digit == t["q_digit"]
+    elif t["q_color"]:
+        rel = colour == t["q_color"]
+    elif t["q_shape"]:
+        rel = (shape == t["q_shape"]) | ((shape == t["q_shape2"]) if t["q_shape2"] else torch.zeros_like(shape, dtype=torch.bool))
+    else:
+        rel = torch.zeros_like(shape, dtype=torch.bool)
+    return rel.float()
