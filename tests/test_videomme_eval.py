@@ -144,7 +144,10 @@ def test_evaluate_videomme_resumes_and_scores(tmp_path):
     assert len(lines) == 3
     again = evaluate_videomme(model, proc, recs, tmp_path / "run", frames=8, method="uniform", ratio=0.5,
                               batch_size=2, max_new_tokens=3, progress=False)
-    assert again["predictions"] == res["predictions"] and again["compression"]["visual_tokens_before"] is None
+    assert again["predictions"] == res["predictions"] and again["scores"] == res["scores"]
+    # nothing was generated the second time, yet the token counts come back from the saved predictions
+    assert again["compression"]["visual_tokens_after"] == 392 and again["compression"]["compress_seconds_this_run"] == 0
+    assert all(p["visual_tokens"] == [784, 392] for p in res["predictions"])
     assert res["scores"] == videomme_scores(res["predictions"])
 
 
@@ -158,3 +161,28 @@ def test_cli_writes_data_and_evaluates(tmp_path, capsys):
     res = json.loads(out[out.index("{"):])
     assert res["questions"] == 2 and res["visual_tokens"] == [784.0, 196.0] and res["frames"] == 8
     assert main(["eval", "videomme", "--data", str(tmp_path / "sv"), "--ratio", "0.5"]) == 2  # --ratio needs --method
+
+
+def test_sweep_on_both_benchmarks_writes_table_and_plots(tmp_path):
+    """Methods x ratios: ratio 1.0 is the unpatched run, token fractions are exact, table and plots are written."""
+    from vtc.eval.mme_data import load_mme, write_shapes_mme
+    from vtc.eval.runner import sweep
+    from vtc.zoo.models import default_model, default_video_model
+
+    model, proc, _ = default_model()
+    write_shapes_mme(tmp_path / "mme", seed=5, per_category=1)
+    recs = load_mme(tmp_path / "mme" / "mme.parquet")[:4]
+    rows = sweep(model, proc, recs, tmp_path / "s", methods=["cls", "uniform"], ratios=[1.0, 0.5], batch_size=4,
+                 progress=False, max_new_tokens=2)
+    by = {(r["method"], r["ratio"]): r for r in rows}
+    assert by[("cls", 1.0)]["score"] == by[("uniform", 1.0)]["score"] and by[("cls", 1.0)]["llm_fraction"] == 1.0
+    assert by[("cls", 0.5)]["tokens"] == 98 and by[("uniform", 0.5)]["llm_fraction"] == 0.5
+    assert all((tmp_path / "s" / f).exists() for f in ("table.md", "sweep.json", "sweep.png", "sweep_flops.png"))
+    assert "| cls |" in (tmp_path / "s" / "table.md").read_text()
+
+    vmodel, vproc, _ = default_video_model()
+    vrecs = load_videomme(write_shapes_video(tmp_path / "sv", seed=6, per_cell=1))[:2]
+    vrows = sweep(vmodel, vproc, vrecs, tmp_path / "sv_sweep", methods=["uniform"], ratios=[0.25], batch_size=2,
+                  progress=False, bench="videomme", frames=8, max_new_tokens=2)
+    assert vrows[0]["tokens"] == 196 and vrows[0]["llm_fraction"] == 0.25
+    assert set(vrows[0]["categories"]) <= set(TASKS.values())

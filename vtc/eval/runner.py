@@ -50,7 +50,8 @@ def run_resumable(
 ) -> tuple[list[dict], list, float]:
     """Generate for every record not yet in ``out/predictions.jsonl`` (appended batch by batch, so an interrupted
     run resumes), patching the model for the run when ``method`` is given; returns (predictions in record order,
-    compression stats, seconds spent generating)."""
+    this run's compression stats, seconds spent generating). With a method, each prediction also records its
+    row's ``visual_tokens`` [before, after] and ``llm_visual_fraction``, so a resumed run still reports them."""
     done: dict[str, dict] = {}
     if out:
         out.mkdir(parents=True, exist_ok=True)
@@ -68,12 +69,15 @@ def run_resumable(
                    desc=f"{desc} {method or 'none'}{'' if ratio is None else f' r={ratio}'}")
         for i in range(0, len(todo), batch_size):
             batch = list(todo[i:i + batch_size])
+            n_stats = len(patch.stats) if patch else 0
             t0 = time.perf_counter()
             preds = generate(batch)
             t_gen += time.perf_counter() - t0
+            rows = _row_compression(model, patch.stats[n_stats] if patch and len(patch.stats) > n_stats else None,
+                                    len(batch))
             lines = []
-            for r, p in zip(batch, preds):
-                rec = {"key": key(r), **describe(r, p)}
+            for r, p, row in zip(batch, preds, rows):
+                rec = {"key": key(r), **describe(r, p), **row}
                 done[rec["key"]] = rec
                 lines.append(json.dumps(rec))
             if out:
@@ -88,23 +92,32 @@ def run_resumable(
     return [done[key(r)] for r in records], stats, t_gen
 
 
-def compression_summary(model: Any, stats: list, method: str | None, t_gen: float) -> dict:
-    """Mean visual tokens before/after, the LLM-visual-token fraction (a FLOPs proxy that counts in-LLM pruning),
-    compression and generation seconds."""
-    before = [t for s in stats for t in s.tokens_before]
-    after = [t for s in stats for t in s.tokens_after]
+def _row_compression(model: Any, prefill: Any, n_rows: int) -> list[dict]:
+    """Per batch row of one compressed prefill: visual tokens [before, after] and the visual tokens processed per
+    LLM layer as a fraction of the uncompressed count (a FLOPs proxy that counts in-LLM pruning)."""
+    if prefill is None or len(prefill.tokens_before) != n_rows:
+        return [{} for _ in range(n_rows)]
     n_layers = getattr(getattr(model.config, "text_config", model.config), "num_hidden_layers", 0)
-    fractions = []  # visual tokens processed per LLM layer / uncompressed
-    for s in stats:
-        for b, (t0, t1) in enumerate(zip(s.tokens_before, s.tokens_after)):
-            if t0 and n_layers:
-                per_layer = [s.layer_tokens.get(j, [t1] * (b + 1))[b] for j in range(n_layers)]
-                fractions.append(sum(per_layer) / (n_layers * t0))
+    rows = []
+    for b, (t0, t1) in enumerate(zip(prefill.tokens_before, prefill.tokens_after)):
+        row = {"visual_tokens": [t0, t1]}
+        if t0 and n_layers:
+            per_layer = [prefill.layer_tokens.get(j, [t1] * (b + 1))[b] for j in range(n_layers)]
+            row["llm_visual_fraction"] = sum(per_layer) / (n_layers * t0)
+        rows.append(row)
+    return rows
+
+
+def compression_summary(preds: list[dict], stats: list, method: str | None, t_gen: float) -> dict:
+    """Mean visual tokens before/after and LLM-visual-token fraction over the predictions (resumed ones
+    included), and this run's compression and generation seconds."""
+    tokens = [p["visual_tokens"] for p in preds if "visual_tokens" in p]
+    fractions = [p["llm_visual_fraction"] for p in preds if "llm_visual_fraction" in p]
     return {
-        "visual_tokens_before": sum(before) / len(before) if before else None,
-        "visual_tokens_after": sum(after) / len(after) if after else None,
+        "visual_tokens_before": sum(t[0] for t in tokens) / len(tokens) if tokens else None,
+        "visual_tokens_after": sum(t[1] for t in tokens) / len(tokens) if tokens else None,
         "llm_visual_fraction": sum(fractions) / len(fractions) if fractions else (None if method else 1.0),
-        "compress_seconds": sum(s.seconds for s in stats),
+        "compress_seconds_this_run": sum(s.seconds for s in stats),
         "generate_seconds_this_run": t_gen,
     }
 
@@ -138,7 +151,7 @@ def evaluate_mme(
     return save_results(out, {"method": method or "none", "ratio": ratio, "tokens": tokens,
                               "hyperparameters": hyperparameters, "batch_size": batch_size,
                               "max_new_tokens": max_new_tokens, "prompt": "lmms-eval MME default", **(config or {})},
-                        mme_scores(preds), compression_summary(model, stats, method, t_gen), preds)
+                        mme_scores(preds), compression_summary(preds, stats, method, t_gen), preds)
 
 
 def save_results(out: Path | None, config: dict, scores: dict, compression: dict, preds: list[dict]) -> dict:

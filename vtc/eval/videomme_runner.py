@@ -63,4 +63,4 @@ def evaluate_videomme(
                               "hyperparameters": hyperparameters, "frames": frames, "batch_size": batch_size,
                               "max_new_tokens": max_new_tokens, "prompt": "lmms-eval Video-MME (w/o subtitles)",
                               "post_prompt": post_prompt, **(config or {})},
-                        videomme_scores(preds), compression_summary(model, stats, method, t_gen), preds)
+                        videomme_scores(preds), compression_summary(preds, stats, method, t_gen), preds)
