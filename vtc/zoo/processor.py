@@ -87,6 +87,6 @@ def build_qwen_processor(image_size: int, patch_size: int = 4, merge_size: int =
     image_processor = Qwen2VLImageProcessor(patch_size=patch_size, merge_size=merge_size, temporal_patch_size=2,
                                             min_pixels=pixels, max_pixels=pixels)
     video_processor = Qwen2VLVideoProcessor(patch_size=patch_size, merge_size=merge_size, temporal_patch_size=2,
-                                            min_pixels=pixels, max_pixels=pixels)
+                                            min_pixels=pixels, max_pixels=pixels, cap_pixels_per_frame=True)
     return Qwen2VLProcessor(image_processor=image_processor, tokenizer=tok, video_processor=video_processor,
                             chat_template=QWEN_CHAT_TEMPLATE)
