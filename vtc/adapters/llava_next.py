@@ -43,7 +43,8 @@ class LlavaNextAdapter(LlavaAdapter):
         self._install_scores(runtime)
         self._hook(self.base.multi_modal_projector.register_forward_pre_hook(self._capture_features))
         original = self.base.get_image_features
-        self._set_instance_attr(self.base, "get_image_features", self._wrap_packed_features(original))
+        self._set_instance_attr(self.base, "get_image_features", self._wrap_compressing(
+            original, lambda feats, bound: self._compress_packed(list(feats), bound), "image"))
         self._hook(self.base.register_forward_pre_hook(self._base_pre, with_kwargs=True))
         self._install_llm(self.base.language_model, runtime)
 
@@ -52,23 +53,25 @@ class LlavaNextAdapter(LlavaAdapter):
             self.scratch.features = args[0]  # (all crops, N, D) pre-projector
         return None
 
-    def _wrap_packed_features(self, original):
+    def _wrap_compressing(self, original, compress, modality: str):
+        """``original`` (the model's get_image/video_features) run with the vision hooks armed; its
+        ``pooler_output`` replaced by ``compress(features, bound_arguments) -> (new features, keeps)``."""
         sig = inspect.signature(original)
 
         @functools.wraps(original)
-        def get_image_features(*args, **kwargs):
+        def wrapper(*args, **kwargs):
             out = self._encode(original, args, kwargs)
             feats = getattr(out, "pooler_output", None)
             if feats is None or self.scratch.features is None:
                 return out
             bound = sig.bind(*args, **kwargs).arguments
             with self.rt.timed():
-                new_feats, keeps = self._compress_packed(list(feats), bound)
-            out.pooler_output = new_feats
-            self._remember_keeps(new_feats, keeps)
+                new, keeps = compress(feats, bound)
+            out.pooler_output = new
+            self._remember_keeps(new, keeps, modality)
             return out
 
-        return get_image_features
+        return wrapper
 
     # ------------------------------------------------------------------ packing
     def _crops_per_image(self, bound: dict[str, Any]) -> list[int]:
@@ -170,7 +173,8 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
     def install(self, runtime: Runtime) -> None:
         super().install(runtime)
         original = self.base.get_video_features
-        self._set_instance_attr(self.base, "get_video_features", self._wrap_video_features(original))
+        self._set_instance_attr(self.base, "get_video_features", self._wrap_compressing(
+            original, lambda feats, bound: self._compress_video(feats), "video"))
 
     def _pack_options(self, bound: dict[str, Any]) -> dict[str, Any]:
         default = getattr(self.base.config, "vision_aspect_ratio", "anyres_max_9")
@@ -185,21 +189,6 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
         return [c if s else 1 for c, s in zip(counts, single)]
 
     # ------------------------------------------------------------------ video
-    def _wrap_video_features(self, original):
-        @functools.wraps(original)
-        def get_video_features(*args, **kwargs):
-            out = self._encode(original, args, kwargs)
-            feats = getattr(out, "pooler_output", None)
-            if feats is None or self.scratch.features is None:
-                return out
-            with self.rt.timed():
-                new, keeps = self._compress_video(feats)
-            out.pooler_output = new
-            self._remember_keeps(new, keeps, "video")
-            return out
-
-        return get_video_features
-
     def _compress_video(self, feats: torch.Tensor):
         b, n, d = feats.shape
         frames = self.scratch.features.shape[0] // b
