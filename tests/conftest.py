@@ -24,6 +24,14 @@ def llava_batch():
     return {"input_ids": ids, "attention_mask": am, "pixel_values": pv, "rows": rows}
 
 
+def single_row(batch, i, *keys):
+    """Row ``i`` of a left-padded batch (``batch["rows"]`` holds the unpadded ids) as its own batch of one, with
+    row ``i`` of each per-row tensor in ``keys``."""
+    row = batch["rows"][i]
+    return {"input_ids": torch.tensor([row]), "attention_mask": torch.ones(1, len(row), dtype=torch.long),
+            **{k: batch[k][i:i + 1] for k in keys}}
+
+
 def greedy(model, batch, n=6, **kw):
     return model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                           pixel_values=batch["pixel_values"], max_new_tokens=n, do_sample=False, **kw)

@@ -9,7 +9,7 @@ from vtc.core.scores import pagerank_importance
 from vtc.methods import AIM, ClsPruning, Compose, FastV
 from vtc.zoo.tiny import llava_prompt
 
-from conftest import N_TOKENS, greedy
+from conftest import N_TOKENS, greedy, single_row
 
 CASES = [("fastv", dict(ratio=0.5, k=2)), ("aim", dict(ratio=0.5, l1=1, l2=3)), ("aim", dict(l1=0, l2=3, merge_mode="mean"))]
 
@@ -44,8 +44,7 @@ def test_left_padded_batch_equals_singles(llava4, llava_batch, method, kw):
     out = greedy(m, llava_batch, n=8)
     width = llava_batch["input_ids"].shape[1]
     for i, row in enumerate(llava_batch["rows"]):
-        single = {"input_ids": torch.tensor([row]), "attention_mask": torch.ones(1, len(row), dtype=torch.long),
-                  "pixel_values": llava_batch["pixel_values"][i:i + 1]}
+        single = single_row(llava_batch, i, "pixel_values")
         assert torch.equal(greedy(m, single, n=8)[0, len(row):], out[i, width:])
 
 

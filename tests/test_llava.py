@@ -6,7 +6,7 @@ import vtc
 from vtc.core.batch import gather_rows, left_repad_index
 from vtc.zoo.tiny import left_pad, llava_prompt
 
-from conftest import N_TOKENS, greedy
+from conftest import N_TOKENS, greedy, single_row
 
 METHODS = ["cls", "random", "uniform", "pool"]
 
@@ -53,9 +53,7 @@ def test_left_padded_batch_equals_single_runs(make_llava, llava_batch, method):
     out = greedy(m, llava_batch, n=8)
     width = llava_batch["input_ids"].shape[1]
     for i, row in enumerate(llava_batch["rows"]):
-        single = {"input_ids": torch.tensor([row]), "attention_mask": torch.ones(1, len(row), dtype=torch.long),
-                  "pixel_values": llava_batch["pixel_values"][i:i + 1]}
-        s = greedy(m, single, n=8)
+        s = greedy(m, single_row(llava_batch, i, "pixel_values"), n=8)
         assert torch.equal(s[0, len(row):], out[i, width:])
 
 
@@ -183,10 +181,8 @@ def test_manual_decode_loop_matches_generate(make_llava, llava_batch):
     """prefill + decode steps without position_ids (a hand-written loop) == generate()."""
     m = make_llava()
     vtc.patch(m, "cls", ratio=0.25)
-    single = {k: v[1:] for k, v in llava_batch.items() if k != "rows"}
     row = llava_batch["rows"][1]
-    single = {"input_ids": torch.tensor([row]), "attention_mask": torch.ones(1, len(row), dtype=torch.long),
-              "pixel_values": llava_batch["pixel_values"][1:]}
+    single = single_row(llava_batch, 1, "pixel_values")
     ref = greedy(m, single, n=5)[0, len(row):]
     with torch.no_grad():
         out = m(**single, use_cache=True)

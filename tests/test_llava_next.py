@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import vtc
-from conftest import ScoreRecorder
+from conftest import ScoreRecorder, single_row
 from vtc.methods.globalcom2 import crop_retention
 from vtc.zoo.tiny import left_pad, llava_next_tokens, llava_prompt, tiny_llava_next
 
@@ -68,8 +68,7 @@ def test_batch_of_aspect_ratios_equals_single_runs(next_batch, method):
     out = gen(m, next_batch, n=8)
     width = next_batch["input_ids"].shape[1]
     for i, row in enumerate(next_batch["rows"]):
-        single = {"input_ids": torch.tensor([row]), "attention_mask": torch.ones(1, len(row), dtype=torch.long),
-                  "pixel_values": next_batch["pixel_values"][i:i + 1], "image_sizes": next_batch["image_sizes"][i:i + 1]}
+        single = single_row(next_batch, i, "pixel_values", "image_sizes")
         assert torch.equal(gen(m, single, n=8)[0, len(row):], out[i, width:])
 
 

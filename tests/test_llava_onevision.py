@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 import vtc
-from conftest import ScoreRecorder
+from conftest import ScoreRecorder, single_row
 from vtc.zoo.tiny import QWEN_VIDEO, left_pad, llava_next_tokens, llava_prompt, tiny_llava_onevision
 
 FRAMES, PER_FRAME = 4, 4  # 4x4 tokens per frame pool to 2x2
@@ -51,8 +51,7 @@ def test_video_matrix(video_batch, method):
     assert torch.equal(out, gen(m, video_batch, n=8, use_cache=False))
     width = video_batch["input_ids"].shape[1]
     for i, row in enumerate(video_batch["rows"]):
-        single = {"input_ids": torch.tensor([row]), "attention_mask": torch.ones(1, len(row), dtype=torch.long),
-                  "pixel_values_videos": video_batch["pixel_values_videos"][i:i + 1]}
+        single = single_row(video_batch, i, "pixel_values_videos")
         assert torch.equal(gen(m, single, n=8)[0, len(row):], out[i, width:])
     beams = gen(m, video_batch, n=4, num_beams=2)
     assert p.stats[-1].tokens_after == [FRAMES * 2 + 1] * 4  # beam rows found their keep sets
