@@ -27,10 +27,10 @@ def test_extract_letter_hand_cases(reply, letter):
 
 
 def test_extract_letter_keeps_lmms_eval_missing_comma_quirk():
-    # "The best option is" "The correct option is" is ONE prefix in lmms-eval, so "The best option is" alone is
-    # not stripped; its capital letters are still not A-D, so this only matters through the word count:
-    long_reply = "The best option is that the red circle keeps moving to the left of the frame"
-    assert extract_letter(long_reply) == ""
+    # lmms-eval's list merges "Best answer:" "Best option:" into ONE prefix (missing comma), so "Best answer:"
+    # alone is not stripped and the B of "Best" is the first capital A-D: lmms-eval scores this reply as B.
+    assert extract_letter("Best answer: C") == "B"
+    assert extract_letter("Best answer:Best option: C") == "C"  # the merged string itself is stripped
     assert extract_letter("The answer D") == "D"  # "The answer" is stripped, then D found
 
 

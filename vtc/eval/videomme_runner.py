@@ -21,9 +21,8 @@ def _generate(model, processor, batch: list[VideoMMERecord], frames: int, max_ne
         prompts.append(processor.apply_chat_template(conv, add_generation_prompt=True))
         videos.append(list(load_video(r.video_path, frames)[0]))
     inputs = processor(text=prompts, videos=videos, return_tensors="pt", padding=True).to(model.device)
-    for k in ("pixel_values_videos",):
-        if k in inputs:
-            inputs[k] = inputs[k].to(model.dtype)
+    if "pixel_values_videos" in inputs:
+        inputs["pixel_values_videos"] = inputs["pixel_values_videos"].to(model.dtype)
     with torch.inference_mode():
         out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
     return [t.strip() for t in processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)]
