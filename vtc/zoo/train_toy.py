@@ -359,12 +359,13 @@ def language_stage(model, fam: Family, minutes: float, batch: int, log, name: st
         if heads is not None:  # the answer is predicted from the position before the first labelled token
             rows = torch.arange(len(lab))
             pos = (lab != -100).float().argmax(1) - 1
-            targets = [summary_targets(sc.qa[0][0] if sc.qa else "", sc, IMAGE_SIZE) for sc in scenes]
+            questions = [sc.qa[0][0] if sc.qa else "" for sc in scenes]  # "" for caption rows
+            targets = [summary_targets(q, sc, IMAGE_SIZE) for q, sc in zip(questions, scenes)]
             aux_loss = heads.loss([out.hidden_states[j][rows, pos] for j in aux_layers], targets)
             img = inputs["input_ids"] == model.config.image_token_id  # (rows, L), n_image per row
             vis = out.hidden_states[aux_layers[0]][img].view(len(lab), fam.n_image, -1)
-            rel = torch.stack([relevance_targets(sc.qa[0][0] if sc.qa else "", patch_labels(sc, IMAGE_SIZE, IMAGE_SIZE // PATCH))
-                               for sc in scenes])
+            rel = torch.stack([relevance_targets(q, patch_labels(sc, IMAGE_SIZE, IMAGE_SIZE // PATCH))
+                               for q, sc in zip(questions, scenes)])
             aux_loss = aux_loss + heads.relevance_loss(vis, rel)
             loss = loss + aux * aux_loss
         opt.zero_grad()
@@ -401,7 +402,7 @@ def main() -> None:
     ap.add_argument("--stage2-minutes", type=float, default=0, help="caption-only alignment (0: skip)")
     ap.add_argument("--stage3-minutes", type=float, default=32)
     ap.add_argument("--lr", type=float, default=3e-4)
-    ap.add_argument("--aux", type=float, default=1.0, help="weight of the answer-position summary heads (0: off)")
+    ap.add_argument("--aux", type=float, default=1.0, help="weight of the training-only summary heads and relevance probe (0: off)")
     ap.add_argument("--vision-lr", type=float, default=0.0, help="vision tower lr in the VQA stage (0: frozen)")
     ap.add_argument("--curriculum", type=float, default=0.0,
                     help="fraction of the VQA stage over which scenes grow from one large object to the full set")
