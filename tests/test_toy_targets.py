@@ -2,8 +2,10 @@
 import torch
 
 from vtc.zoo.shapes import Obj, Scene
-from vtc.zoo.summary_aux import HEADS, SummaryHeads, summary_targets
-from vtc.zoo.train_toy import PATCH_TARGETS, patch_labels
+import torch.nn.functional as F
+
+from vtc.zoo.summary_aux import HEADS, SummaryHeads, summary_targets, word_alignment_loss
+from vtc.zoo.train_toy import PATCH_TARGETS, dense_loss, patch_labels
 
 SCENE = Scene([Obj("square", "blue", "large", (16, 16, 40, 40)),  # patches rows/cols 2..4 of a 14x14 grid (8 px)
                Obj("circle", "red", "small", (80, 8, 88, 16))], digit="7", digit_box=(96, 96, 104, 104))
@@ -76,3 +78,24 @@ def test_questions_are_balanced_single_attribute_lookups():
                     assert (named[0] in {o.shape for o in scene.objects}) == (a == "Yes")
                 if cat == "color":
                     assert (named[0] in {o.color for o in scene.objects}) == (a == "Yes")
+
+
+def test_dense_loss_weights_object_patches_by_hand():
+    logits = torch.tensor([[[2.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 3.0]]])  # (1 image, 3 patches, 3 classes)
+    target = torch.tensor([[0, 1, 2]])
+    lse = lambda row: torch.logsumexp(row, 0)
+    ce = [lse(logits[0, i]) - logits[0, i, t] for i, t in enumerate([0, 1, 2])]
+    expected = sum(ce) / 3 + (ce[1] + ce[2]) / 2  # all patches + the two object patches
+    assert torch.allclose(dense_loss(logits, target), expected)
+    empty = torch.zeros(1, 3, dtype=torch.long)  # no object patch: the plain loss only
+    assert torch.allclose(dense_loss(logits, empty), F.cross_entropy(logits[0], empty[0]))
+
+
+def test_word_alignment_loss_by_hand():
+    emb = torch.eye(4)  # 4 words, hidden 4: word i's embedding is e_i
+    words = [[0, 1, 2], [0, 3]]  # attribute 0: none=word 0, classes words 1, 2; attribute 1: none=word 0, word 3
+    feats = torch.tensor([[[0.0, 5.0, 0.0, 5.0], [1.0, 0.0, 0.0, 0.0]]])  # token 0 shows words 1 and 3
+    labels = torch.tensor([[[1, 0], [1, 0]]])  # (rows, attributes, N): token 0 -> class 1 for both, token 1 none
+    a0 = F.cross_entropy(torch.tensor([[0.0, 5.0, 0.0], [1.0, 0.0, 0.0]]), torch.tensor([1, 0]))
+    a1 = F.cross_entropy(torch.tensor([[0.0, 5.0], [1.0, 0.0]]), torch.tensor([1, 0]))
+    assert torch.allclose(word_alignment_loss(feats, labels, emb, words), a0 + a1)

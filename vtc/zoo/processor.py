@@ -8,7 +8,7 @@ from .shapes import COLORS, NUMBERS, SHAPES, SIZES, plural
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
 IMAGE_TOKEN = "<image>"
 # The toy models put the question before the image ("USER: question <image> ASSISTANT:"): image tokens can
-# then attend to the question, which lets a 4-layer model learn question-conditioned lookups quickly.
+# then attend to the question and flag a match, which the answer position only has to detect.
 CHAT_TEMPLATE = (
     "{% for message in messages %}{% if message['role'] == 'user' %}USER: "
     "{% for c in message['content'] %}{% if c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}"

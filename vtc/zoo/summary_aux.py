@@ -101,3 +101,20 @@ def relevance_targets(question: str, labels: torch.Tensor) -> torch.Tensor:
     else:
         rel = torch.zeros_like(shape, dtype=torch.bool)
     return rel.float()
+
+
+def word_alignment_loss(feats: torch.Tensor, labels: torch.Tensor, embedding: torch.Tensor,
+                        word_ids: list[list[int]]) -> torch.Tensor:
+    """Align each projected visual token with the LM's word embeddings of what its patch shows.
+
+    feats: (rows, N, hidden) projector outputs; labels: (rows, k, N) per-patch class ids (0 = none) for k
+    attributes (colour, shape, digit: ``train_toy.patch_labels`` rows); embedding: (vocab, hidden) LM input
+    embeddings; word_ids[a]: the token ids of attribute ``a``'s classes, the 'none' word first. The logits of a
+    token for attribute ``a`` are its dot products with those words' embeddings (cross-entropy per attribute),
+    so a visual token comes to look like the words a question uses for it: the same first-order alignment a
+    LLaVA projector gets from caption pre-training, made dense."""
+    total = torch.zeros(())
+    for a, ids in enumerate(word_ids):
+        logits = feats @ embedding[ids].T  # (rows, N, classes)
+        total = total + F.cross_entropy(logits.flatten(0, 1), labels[:, a].flatten())
+    return total
