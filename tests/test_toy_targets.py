@@ -1,4 +1,5 @@
 """Training targets of the toy trainer on hand-built scenes: per-patch labels and answer-position summaries."""
+import pytest
 import torch
 
 from vtc.zoo.shapes import Obj, Scene
@@ -99,3 +100,13 @@ def test_word_alignment_loss_by_hand():
     a0 = F.cross_entropy(torch.tensor([[0.0, 5.0, 0.0], [1.0, 0.0, 0.0]]), torch.tensor([1, 0]))
     a1 = F.cross_entropy(torch.tensor([[0.0, 5.0], [1.0, 0.0]]), torch.tensor([1, 0]))
     assert torch.allclose(word_alignment_loss(feats, labels, emb, words), a0 + a1)
+
+
+def test_resume_from_another_family_is_a_clear_error(tmp_path, monkeypatch):
+    from vtc.zoo import train_toy
+
+    train_toy.Family("llava").new_model().save_pretrained(tmp_path / "stage1")
+    monkeypatch.setattr("sys.argv", ["train_toy", "--family", "qwen2-vl", "--out", str(tmp_path / "out"),
+                                     "--resume", str(tmp_path / "stage1"), "--start-stage", "3"])
+    with pytest.raises(ValueError, match="no qwen2-vl vision tower there"):
+        train_toy.main()

@@ -218,13 +218,20 @@ def dense_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return loss
 
 
-@torch.no_grad()
-def _patch_accuracy(vt, heads, fam: Family, layer: int, n: int = 32) -> list[float]:
-    """Accuracy of the colour, shape and digit heads on the patches that hold an object (validation scenes)."""
-    gen = ShapesGenerator(VAL_SEED + 1)
-    samples = [gen.training_sample() for _ in range(n)]
-    feats = vt(fam.pixels([s[0] for s in samples])["pixel_values"], output_hidden_states=True).hidden_states[layer][:, 1:]
-    target = torch.stack([patch_labels(sc, IMAGE_SIZE, IMAGE_SIZE // PATCH) for _, sc in samples])
+def _tower_features(vt, fam: Family, model, pix: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(image embedding, (B, N, width) per-token features the LM sees through the projector): LLaVA: the CLS
+    output and the feature layer's patch tokens; Qwen: the mean and the PatchMerger outputs (one per 2x2 unit =
+    one cell of the same 14x14 grid)."""
+    if fam.name == "llava":
+        out = vt(pix["pixel_values"], output_hidden_states=True)
+        return out.pooler_output, out.hidden_states[model.config.vision_feature_layer][:, 1:]
+    merged = vt(pix["pixel_values"], grid_thw=pix["image_grid_thw"]).pooler_output
+    feats = merged.reshape(-1, fam.n_image, merged.shape[-1])
+    return feats.mean(1), feats
+
+
+def _patch_accuracy(heads, feats: torch.Tensor, target: torch.Tensor) -> list[float]:
+    """Accuracy of the colour, shape and digit heads on the patches that hold an object (label > 0)."""
     out = []
     for i in range(3):
         t, hit = target[:, i], target[:, i] > 0
@@ -243,14 +250,18 @@ def stage1(model, fam: Family, minutes: float, batch: int, log) -> None:
     txt = CaptionEncoder(len(tok))
     loss_fn = ClipLoss()
     logit_scale = nn.Parameter(torch.tensor(math.log(10.0)))
-    # dense per-patch heads on the features the LM will see through the projector (LLaVA: the feature layer;
-    # Qwen: the PatchMerger outputs, one per 2x2 unit = one cell of the same 14x14 grid)
+    # dense per-patch heads on the features the LM will see through the projector (see _tower_features)
     width = model.config.vision_config.hidden_size
     heads = nn.ModuleList([nn.Linear(width, n) for n in PATCH_TARGETS.values()])
     params = list(vt.parameters()) + list(img_proj.parameters()) + list(txt.parameters()) + [logit_scale]
     params += list(heads.parameters())
     opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.05)
     est = int(minutes * 60 / 0.9)  # rough steps for the schedule; the clock decides when to stop
+    grid = IMAGE_SIZE // PATCH
+    held_gen = ShapesGenerator(VAL_SEED + 1)  # scenes for the heads' accuracy log
+    held_out = [held_gen.training_sample() for _ in range(32)]
+    held_pix = fam.pixels([s[0] for s in held_out])
+    held_target = torch.stack([patch_labels(sc, IMAGE_SIZE, grid) for _, sc in held_out])
     t0, step = time.time(), 0
     while time.time() - t0 < minutes * 60:
         samples = [gen.training_sample() for _ in range(batch)]
@@ -258,15 +269,8 @@ def stage1(model, fam: Family, minutes: float, batch: int, log) -> None:
         caps = tok([ShapesGenerator.caption(s[1]) for s in samples], return_tensors="pt", padding=True)
         for g in opt.param_groups:
             g["lr"] = _lr(step, est, 1e-3)
-        if fam.name == "llava":
-            out = vt(pix["pixel_values"], output_hidden_states=True)
-            img = F.normalize(img_proj(out.pooler_output), dim=-1)
-            feats = out.hidden_states[model.config.vision_feature_layer][:, 1:]  # (B, N, width)
-        else:
-            merged = vt(pix["pixel_values"], grid_thw=pix["image_grid_thw"]).pooler_output
-            feats = merged.reshape(len(samples), fam.n_image, -1)
-            img = F.normalize(img_proj(feats.mean(1)), dim=-1)
-        grid = IMAGE_SIZE // PATCH
+        pooled, feats = _tower_features(vt, fam, model, pix)
+        img = F.normalize(img_proj(pooled), dim=-1)
         target = torch.stack([patch_labels(sc, IMAGE_SIZE, grid) for _, sc in samples])  # (B, 5, N)
         aux = sum(dense_loss(h(feats), target[:, i]) for i, h in enumerate(heads))
         t = F.normalize(txt(caps["input_ids"], caps["attention_mask"]), dim=-1)
@@ -277,9 +281,10 @@ def stage1(model, fam: Family, minutes: float, batch: int, log) -> None:
         opt.step()
         if step % 25 == 0:
             log(f"stage1 step {step} loss {loss.item():.3f} dense {aux.item():.3f} ({time.time() - t0:.0f}s)")
-        if step % 100 == 0 and fam.name == "llava":
-            log(f"stage1 step {step} held-out object-patch accuracy (colour, shape, digit): "
-                f"{_patch_accuracy(vt, heads, fam, model.config.vision_feature_layer)}")
+        if step % 100 == 0:
+            with torch.no_grad():
+                acc = _patch_accuracy(heads, _tower_features(vt, fam, model, held_pix)[1], held_target)
+            log(f"stage1 step {step} held-out object-patch accuracy (colour, shape, digit): {acc}")
         step += 1
 
 
@@ -483,7 +488,10 @@ def main() -> None:
     if args.resume:  # only the vision tower is trained before stage 3; the LM is built from this script's config
         prefix = fam.vision_prefix()
         tower = {k: v for k, v in fam.load(args.resume).state_dict().items() if k.startswith(prefix)}
-        model.load_state_dict(tower, strict=False)
+        missing = [k for k in model.load_state_dict(tower, strict=False).missing_keys if k.startswith(prefix)]
+        if missing:
+            raise ValueError(f"--resume {args.resume}: no {args.family} vision tower there ({len(missing)} tower "
+                             f"weights missing, e.g. {missing[0]}); pass a stage-1 folder of this family")
     model.set_attn_implementation("sdpa")
     model.train()
     log(f"params: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M")
