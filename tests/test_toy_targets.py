@@ -1,10 +1,9 @@
 """Training targets of the toy trainer on hand-built scenes: per-patch labels and answer-position summaries."""
 import pytest
 import torch
-
-from vtc.zoo.shapes import Obj, Scene
 import torch.nn.functional as F
 
+from vtc.zoo.shapes import Obj, Scene
 from vtc.zoo.summary_aux import HEADS, SummaryHeads, summary_targets, word_alignment_loss
 from vtc.zoo.train_toy import PATCH_TARGETS, dense_loss, patch_labels
 
