@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from vtc.zoo.shapes import Obj, Scene
-from vtc.zoo.summary_aux import HEADS, SummaryHeads, summary_targets, word_alignment_loss
+from vtc.zoo.summary_aux import HEADS, SummaryHeads, summary_targets, word_alignment_loss, word_target
 from vtc.zoo.train_toy import PATCH_TARGETS, dense_loss, patch_labels
 
 SCENE = Scene([Obj("square", "blue", "large", (16, 16, 40, 40)),  # patches rows/cols 2..4 of a 14x14 grid (8 px)
@@ -94,11 +94,21 @@ def test_dense_loss_weights_object_patches_by_hand():
 def test_word_alignment_loss_by_hand():
     emb = torch.eye(4)  # 4 words, hidden 4: word i's embedding is e_i
     words = [[0, 1, 2], [0, 3]]  # attribute 0: none=word 0, classes words 1, 2; attribute 1: none=word 0, word 3
-    feats = torch.tensor([[[0.0, 5.0, 0.0, 5.0], [1.0, 0.0, 0.0, 0.0]]])  # token 0 shows words 1 and 3
     labels = torch.tensor([[[1, 0], [1, 0]]])  # (rows, attributes, N): token 0 -> class 1 for both, token 1 none
-    a0 = F.cross_entropy(torch.tensor([[0.0, 5.0, 0.0], [1.0, 0.0, 0.0]]), torch.tensor([1, 0]))
-    a1 = F.cross_entropy(torch.tensor([[0.0, 5.0], [1.0, 0.0]]), torch.tensor([1, 0]))
-    assert torch.allclose(word_alignment_loss(feats, labels, emb, words), a0 + a1)
+    # token 0 shows words 1 and 3 -> e_1 + e_3; token 1 shows nothing -> 'none' twice -> 2 e_0
+    assert torch.equal(word_target(labels, emb, words), torch.tensor([[[0.0, 1, 0, 1], [2.0, 0, 0, 0]]]))
+    feats = torch.tensor([[[0.0, 3.0, 0.0, 1.0], [1.0, 0.0, 0.0, 0.0]]])
+    # squared errors: token 0: (3-1)^2 = 4, token 1: (1-2)^2 = 1; mean over 2 tokens x 4 dims
+    assert torch.allclose(word_alignment_loss(feats, labels, emb, words), torch.tensor(5 / 8))
+    # the column code on a 2x2 grid (4 tokens, columns 0, 1, 0, 1)
+    four = torch.zeros(1, 2, 4, dtype=torch.long)  # nothing shown: 2 e_0 everywhere, plus (1-x) e_1 + x e_2
+    code = word_target(four, emb, words, x_words=(1, 2))
+    assert torch.equal(code[0, :, 0], torch.full((4,), 2.0))
+    assert torch.equal(code[0, :, 1], torch.tensor([1.0, 0, 1, 0])) and torch.equal(code[0, :, 2], torch.tensor([0.0, 1, 0, 1]))
+    emb.requires_grad_(True)  # the target is detached: only the projector is pulled, not the embeddings
+    feats.requires_grad_(True)
+    word_alignment_loss(feats, labels, emb, words).backward()
+    assert emb.grad is None and feats.grad is not None
 
 
 def test_resume_from_another_family_is_a_clear_error(tmp_path, monkeypatch):
@@ -108,4 +118,31 @@ def test_resume_from_another_family_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setattr("sys.argv", ["train_toy", "--family", "qwen2-vl", "--out", str(tmp_path / "out"),
                                      "--resume", str(tmp_path / "stage1"), "--start-stage", "3"])
     with pytest.raises(ValueError, match="no qwen2-vl vision tower there"):
+        train_toy.main()
+
+
+def test_frozen_tower_forward_equals_the_models_own():
+    import random
+
+    from vtc.zoo import train_toy
+    from vtc.zoo.shapes import ShapesGenerator
+
+    torch.manual_seed(0)
+    fam = train_toy.Family("llava")
+    model = fam.new_model().eval()
+    gen = ShapesGenerator(5)
+    samples = [gen.training_sample(max_questions=3) for _ in range(3)]
+    inputs, lab, scenes, image_of_row = train_toy.batch_from(samples, fam, model, 0.0, random.Random(0), True)
+    assert len(image_of_row) == len(lab) == sum(len(s[1].qa) for s in samples) > 3  # rows share images
+    ref = model(**inputs, labels=lab)
+    out, feats = train_toy.forward_frozen_tower(model, fam, inputs, image_of_row, labels=lab)
+    assert feats.shape == (len(lab), fam.n_image, model.config.text_config.hidden_size)
+    assert torch.allclose(out.logits, ref.logits, atol=1e-5) and torch.allclose(out.loss, ref.loss, atol=1e-6)
+
+
+def test_resume_and_init_together_is_a_clear_error(tmp_path, monkeypatch):
+    from vtc.zoo import train_toy
+
+    monkeypatch.setattr("sys.argv", ["train_toy", "--out", str(tmp_path), "--resume", "a", "--init", "b"])
+    with pytest.raises(ValueError, match="not both"):
         train_toy.main()
