@@ -523,7 +523,7 @@ def main() -> None:
     ap.add_argument("--stage1-minutes", type=float, default=12)
     ap.add_argument("--stage2-steps", type=int, default=300,
                     help="projector-only alignment steps before stage 3 (0: skip)")
-    ap.add_argument("--stage3-minutes", type=float, default=30)
+    ap.add_argument("--stage3-minutes", type=float, default=60)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--aux", type=float, default=1.0, help="weight of the training-only summary heads and relevance probe (0: off)")
     ap.add_argument("--align", type=float, default=1.0,
