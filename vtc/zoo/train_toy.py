@@ -32,9 +32,11 @@ What we learnt getting here (kept so nobody repeats it):
   the real pipeline learnt colour-only questions to 100% in 400 steps.
 - On all five categories together the same recipe plateaus: 300 validation questions after 60 minutes
   (4,100 steps) give existence 97%, OCR 85%, count 63%, colour 60%, position 55% (72%); the validation
-  curve flattened at 2,600 steps and a 40-minute warm restart did not move it. Untested guesses: colour
-  (learnt alone in 400 steps) is crowded out by the shape lookups three categories share; position needs
-  two lookups and a comparison.
+  curve flattened at 2,600 steps and a 40-minute warm restart did not move it. Colour alone, with this
+  exact alignment target, still learns from scratch to 100% in 400 steps; but continuing the 60-minute model
+  on colour and position questions only (1,100 steps) left them at 43-53%. So neither the other categories'
+  share of the batches nor the 'object' / left-right words in the target explain it; what the mixed run
+  learns first seems to lock the LM out of the colour lookup, and position is not learnt in any run yet.
 
 Seeds for train (1000+), validation (2000) and test (3000, never used here) differ.
 """
