@@ -318,9 +318,10 @@ def _x_words(tok) -> tuple[int, int]:
 
 
 def align_projector(model, fam: Family, steps: int, batch: int, log) -> None:
-    """Stage 2: the projector (LLaVA's MLP, Qwen2-VL's PatchMerger) alone, regressed onto :func:`summary_aux.word_target` (the sum of the word
-    embeddings of what each patch shows) with the tower frozen and the fresh LM's embeddings as targets, so
-    that stage 3 starts with visual tokens that already look like the question's words."""
+    """Stage 2: the projector (LLaVA's MLP, Qwen2-VL's PatchMerger) alone, regressed onto
+    :func:`summary_aux.word_target` (the sum of the word embeddings of what each patch shows) with the tower
+    frozen and the fresh LM's embeddings as targets, so that stage 3 starts with visual tokens that already
+    look like the question's words."""
     gen = ShapesGenerator(TRAIN_SEED + 1)
     proj = fam.projector(model)
     emb, word_ids = model.get_input_embeddings().weight, _word_ids(fam.tok)
