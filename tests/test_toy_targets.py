@@ -146,3 +146,12 @@ def test_resume_and_init_together_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setattr("sys.argv", ["train_toy", "--out", str(tmp_path), "--resume", "a", "--init", "b"])
     with pytest.raises(ValueError, match="not both"):
         train_toy.main()
+
+
+def test_lr_schedule_follows_the_clock_not_a_step_estimate():
+    from vtc.zoo.train_toy import _lr
+
+    assert _lr(0, 0.0, 1.0) == pytest.approx(0.01) and _lr(99, 0.0, 1.0) == pytest.approx(1.0)  # warm-up
+    assert _lr(5000, 0.0, 1.0) == pytest.approx(1.0)  # many fast steps early in the budget: still full lr
+    assert _lr(500, 0.5, 1.0) == pytest.approx(0.5) and _lr(500, 1.0, 1.0) == pytest.approx(0.0)
+    assert _lr(500, 1.2, 1.0) == pytest.approx(0.0)  # the last step may run a little past the budget
