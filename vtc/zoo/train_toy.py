@@ -35,7 +35,8 @@ What we learnt getting here (kept so nobody repeats it):
   but that run's learning rate had reached 0 at step ~2,770 (the schedule then assumed 1.3 s per step; it
   now follows the clock), and a 40-minute warm restart gained one point. Colour alone, with this
   exact alignment target, still learns from scratch to 100% in 400 steps; but continuing the 60-minute model
-  on colour and position questions only (1,100 steps) left them at 43-53%. So neither the other categories'
+  on colour and position questions only (1,100 steps, lr 0 after ~830 under the old schedule) left them at
+  43-53%. So neither the other categories'
   share of the batches nor the 'object' / left-right words in the target explain it; what the mixed run
   learns first seems to lock the LM out of the colour lookup, and position is not learnt in any run yet.
 
