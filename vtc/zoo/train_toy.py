@@ -30,15 +30,15 @@ What we learnt getting here (kept so nobody repeats it):
   stayed at chance on colour-only questions for 600 steps; with the word embeddings themselves as (oracle)
   visual tokens it learnt them, and with the projector *regressed* onto them (stage 2, then kept as a loss)
   the real pipeline learnt colour-only questions to 100% in 400 steps.
-- On all five categories together, 300 validation questions after 60 minutes (4,100 steps) give existence
-  97%, OCR 85%, count 63%, colour 60%, position 55% (72%); the validation curve flattened at 2,600 steps,
-  but that run's learning rate had reached 0 at step ~2,770 (the schedule then assumed 1.3 s per step; it
-  now follows the clock), and a 40-minute warm restart gained one point. Colour alone, with this
-  exact alignment target, still learns from scratch to 100% in 400 steps; but continuing the 60-minute model
-  on colour and position questions only (1,100 steps, lr 0 after ~830 under the old schedule) left them at
-  43-53%. So neither the other categories'
-  share of the batches nor the 'object' / left-right words in the target explain it; what the mixed run
-  learns first seems to lock the LM out of the colour lookup, and position is not learnt in any run yet.
+- On all five categories together, 300 validation questions after 60 minutes (4,100 steps) give existence 97%,
+  OCR 85%, count 63%, colour 60%, position 55% (72%); the validation curve flattened at 2,600 steps, but that
+  run's learning rate had reached 0 at step ~2,770 (the schedule then assumed 1.3 s per step; it now follows
+  the clock), and a 40-minute warm restart gained one point. Colour alone, with this exact alignment target,
+  still learns from scratch to 100% in 400 steps; but continuing the 60-minute model on colour and position
+  questions only (1,100 steps, lr 0 after ~830 under the old schedule) left them at 43-53%. So neither the
+  other categories' share of the batches nor the 'object' / left-right words in the target explain it; what
+  the mixed run learns first seems to lock the LM out of the colour lookup, and position is not learnt in any
+  run yet.
 
 Seeds for train (1000+), validation (2000) and test (3000, never used here) differ.
 """
