@@ -157,8 +157,7 @@ class Family:
         (B, N, width); Qwen: the last block's output (B*4N, width), 2x2 merge units consecutive."""
         with torch.no_grad():
             if self.name == "llava":
-                out = model.model.vision_tower(pix["pixel_values"], output_hidden_states=True)
-                return out.hidden_states[model.config.vision_feature_layer][:, 1:]
+                return _tower_features(self.vision_module(model), self, model, pix)[1]
             return model.model.visual(pix["pixel_values"], grid_thw=pix["image_grid_thw"]).last_hidden_state
 
 
@@ -328,19 +327,19 @@ def align_projector(model, fam: Family, steps: int, batch: int, log) -> None:
     look like the question's words."""
     gen = ShapesGenerator(TRAIN_SEED + 1)
     proj = fam.projector(model)
-    emb, word_ids = model.get_input_embeddings().weight, _word_ids(fam.tok)
+    emb, word_ids, x_words = model.get_input_embeddings().weight, _word_ids(fam.tok), _x_words(fam.tok)
     opt = torch.optim.AdamW(proj.parameters(), lr=1e-3)
     grid, t0 = IMAGE_SIZE // PATCH, time.time()
     for step in range(steps):
         samples = [gen.training_sample() for _ in range(batch)]
         labels = torch.stack([patch_labels(sc, IMAGE_SIZE, grid)[ALIGN_ROWS] for _, sc in samples])
         feats = proj(fam.projector_input(model, fam.pixels([s[0] for s in samples])))
-        loss = word_alignment_loss(feats.view(batch, fam.n_image, -1), labels, emb, word_ids, _x_words(fam.tok))
+        loss = word_alignment_loss(feats.view(batch, fam.n_image, -1), labels, emb, word_ids, x_words)
         opt.zero_grad()
         loss.backward()
         opt.step()
         if step % 50 == 0 or step == steps - 1:
-            rel = loss.item() / word_target(labels, emb, word_ids, _x_words(fam.tok)).pow(2).mean().item()
+            rel = loss.item() / word_target(labels, emb, word_ids, x_words).pow(2).mean().item()
             log(f"stage2 step {step} alignment mse {loss.item():.2e} (relative {rel:.3f}, {time.time() - t0:.0f}s)")
 
 
@@ -455,7 +454,7 @@ def language_stage(model, fam: Family, minutes: float, batch: int, log, name: st
     gen = ShapesGenerator(seed)
     rng = random.Random(seed)
     proc = fam.proc
-    word_ids = _word_ids(fam.tok)
+    word_ids, x_words = _word_ids(fam.tok), _x_words(fam.tok)
     projector = set(fam.projector(model).parameters())  # always trained (Qwen's merger sits inside the tower)
     vision = [p for p in fam.vision_module(model).parameters() if p not in projector]
     for p in vision:
@@ -492,13 +491,14 @@ def language_stage(model, fam: Family, minutes: float, batch: int, log, name: st
             aux_loss = heads.loss([out.hidden_states[j][rows, pos] for j in aux_layers], targets)
             img = inputs["input_ids"] == model.config.image_token_id  # (rows, L), n_image per row
             vis = out.hidden_states[aux_layers[0]][img].view(len(lab), fam.n_image, -1)
-            plabels = torch.stack([patch_labels(sc, IMAGE_SIZE, IMAGE_SIZE // PATCH) for sc in scenes])
+            grid = IMAGE_SIZE // PATCH  # labels once per image (its question rows share them), not once per row
+            plabels = torch.stack([patch_labels(sc, IMAGE_SIZE, grid) for _, sc in samples])[image_of_row]
             rel = torch.stack([relevance_targets(q, pl) for q, pl in zip(questions, plabels)])
             aux_loss = aux_loss + heads.relevance_loss(vis, rel)
             if align > 0:
                 feats = projected["out"].view(len(lab), fam.n_image, -1)
                 aux_loss = aux_loss + align * word_alignment_loss(
-                    feats, plabels[:, ALIGN_ROWS], model.get_input_embeddings().weight, word_ids, _x_words(fam.tok))
+                    feats, plabels[:, ALIGN_ROWS], model.get_input_embeddings().weight, word_ids, x_words)
             loss = loss + aux * aux_loss
         opt.zero_grad()
         loss.backward()
