@@ -155,3 +155,13 @@ def test_lr_schedule_follows_the_clock_not_a_step_estimate():
     assert _lr(5000, 0.0, 1.0) == pytest.approx(1.0)  # many fast steps early in the budget: still full lr
     assert _lr(500, 0.5, 1.0) == pytest.approx(0.5) and _lr(500, 1.0, 1.0) == pytest.approx(0.0)
     assert _lr(500, 1.2, 1.0) == pytest.approx(0.0)  # the last step may run a little past the budget
+
+
+def test_init_from_another_family_is_a_clear_error(tmp_path, monkeypatch):
+    from vtc.zoo import train_toy
+
+    train_toy.Family("llava").new_model().save_pretrained(tmp_path / "llava")
+    monkeypatch.setattr("sys.argv", ["train_toy", "--family", "qwen2-vl", "--out", str(tmp_path / "out"),
+                                     "--init", str(tmp_path / "llava"), "--start-stage", "3"])
+    with pytest.raises(ValueError, match="a LlavaForConditionalGeneration, not a qwen2-vl toy model"):
+        train_toy.main()

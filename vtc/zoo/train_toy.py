@@ -565,7 +565,7 @@ def main() -> None:
     if args.resume and args.init:
         raise ValueError("give --resume (a stage-1 tower) or --init (a whole checkpoint), not both")
     model = fam.load(args.init) if args.init else fam.new_model()
-    if args.init and type(model) is not type(fam.new_model()):
+    if args.init and model.config.model_type != args.family.replace("-", "_"):  # llava, qwen2_vl
         raise ValueError(f"--init {args.init}: a {type(model).__name__}, not a {args.family} toy model")
     if args.resume:  # only the vision tower is trained before stage 3; the LM is built from this script's config
         prefix = fam.vision_prefix()
