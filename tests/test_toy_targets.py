@@ -111,13 +111,17 @@ def test_word_alignment_loss_by_hand():
     assert emb.grad is None and feats.grad is not None
 
 
-def test_resume_from_another_family_is_a_clear_error(tmp_path, monkeypatch):
+@pytest.mark.parametrize("flag, message", [
+    ("--resume", "no qwen2-vl vision tower there"),
+    ("--init", "a LlavaForConditionalGeneration, not a qwen2-vl toy model"),
+])
+def test_checkpoint_of_another_family_is_a_clear_error(tmp_path, monkeypatch, flag, message):
     from vtc.zoo import train_toy
 
-    train_toy.Family("llava").new_model().save_pretrained(tmp_path / "stage1")
+    train_toy.Family("llava").new_model().save_pretrained(tmp_path / "llava")
     monkeypatch.setattr("sys.argv", ["train_toy", "--family", "qwen2-vl", "--out", str(tmp_path / "out"),
-                                     "--resume", str(tmp_path / "stage1"), "--start-stage", "3"])
-    with pytest.raises(ValueError, match="no qwen2-vl vision tower there"):
+                                     flag, str(tmp_path / "llava"), "--start-stage", "3"])
+    with pytest.raises(ValueError, match=message):
         train_toy.main()
 
 
@@ -156,12 +160,3 @@ def test_lr_schedule_follows_the_clock_not_a_step_estimate():
     assert _lr(500, 0.5, 1.0) == pytest.approx(0.5) and _lr(500, 1.0, 1.0) == pytest.approx(0.0)
     assert _lr(500, 1.2, 1.0) == pytest.approx(0.0)  # the last step may run a little past the budget
 
-
-def test_init_from_another_family_is_a_clear_error(tmp_path, monkeypatch):
-    from vtc.zoo import train_toy
-
-    train_toy.Family("llava").new_model().save_pretrained(tmp_path / "llava")
-    monkeypatch.setattr("sys.argv", ["train_toy", "--family", "qwen2-vl", "--out", str(tmp_path / "out"),
-                                     "--init", str(tmp_path / "llava"), "--start-stage", "3"])
-    with pytest.raises(ValueError, match="a LlavaForConditionalGeneration, not a qwen2-vl toy model"):
-        train_toy.main()
