@@ -12,7 +12,9 @@ shrinks its depth for a CPU run, and the ideal then counts the shrunk tower), ea
 Vision tower: CLIP ViT-L/14-336 shape (24 layers, 1024 wide, 577 tokens), random weights. The Llama LM is
 scaled down in depth/width by default so a run fits a CPU. Prompt: 576 visual + ~40 text tokens; for
 ``llava-next`` a 672x672 image = thumbnail + 2x2 crops = 2,880 visual tokens + 48 newline tokens.
-Prints the measured speedup, the FLOP-ideal speedup, and vtc's own time as % of the unpatched prefill.
+Prints the measured speedup, the FLOP-ideal speedup, vtc's own time as % of the unpatched prefill, the KV cache
+the prefill leaves (MiB), on a GPU the peak extra memory of the prefill, and with ``--decode N`` the time per
+generated token. ``--batch B`` runs B prompts (each its own random image) per forward pass.
 """
 from __future__ import annotations
 
@@ -75,6 +77,15 @@ def prefill_flops(cfg, visual: int, text: int, layer_visual: dict[int, int] | No
                           t.num_attention_heads, t.num_key_value_heads))
 
 
+def cache_mib(cache) -> float:
+    """Bytes held by a transformers KV cache's key/value tensors, in MiB."""
+    layers = getattr(cache, "layers", None) or []
+    total = sum(t.numel() * t.element_size() for layer in layers for t in (getattr(layer, "keys", None),
+                                                                            getattr(layer, "values", None))
+                if isinstance(t, torch.Tensor))
+    return total / 2**20
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu")
@@ -88,6 +99,9 @@ def main() -> None:
     ap.add_argument("--ratios", default="0.5,0.25,0.11")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=0, help="torch threads on CPU (0: default)")
+    ap.add_argument("--batch", type=int, default=1, help="prompts per forward pass, each with its own random image")
+    ap.add_argument("--decode", type=int, default=0,
+                    help="also time generate() for this many new tokens and report decode ms/token (0: off)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -97,46 +111,88 @@ def main() -> None:
     if args.model == "onevision-video":  # each frame: 27x27 SigLIP patches pooled to 14x14; one newline at the end
         crops, n_visual, token, patches = args.frames, args.frames * 196 + 1, 151647, 729
         projected = args.frames * 729
-        inputs = {"pixel_values_videos": torch.randn(1, args.frames, 3, 384, 384, device=args.device, dtype=dtype)}
+        inputs = {"pixel_values_videos": torch.randn(args.batch, args.frames, 3, 384, 384, device=args.device,
+                                                     dtype=dtype)}
     elif args.model == "llava-next":  # 672x672: thumbnail 576 + 48 rows x (48 tokens + newline)
         crops, n_visual, projected = 5, 576 + 48 * 49, 5 * 576
-        inputs = {"pixel_values": torch.randn(1, crops, 3, 336, 336, device=args.device, dtype=dtype),
-                  "image_sizes": torch.tensor([[672, 672]], device=args.device)}
+        inputs = {"pixel_values": torch.randn(args.batch, crops, 3, 336, 336, device=args.device, dtype=dtype),
+                  "image_sizes": torch.tensor([[672, 672]] * args.batch, device=args.device)}
     else:
         crops, n_visual, projected = 1, 576, 576
-        inputs = {"pixel_values": torch.randn(1, 3, 336, 336, device=args.device, dtype=dtype)}
-    ids = torch.tensor([[1] + list(range(10, 45)) + [token] * n_visual + [50, 51, 52, 53]], device=args.device)
+        inputs = {"pixel_values": torch.randn(args.batch, 3, 336, 336, device=args.device, dtype=dtype)}
+    ids = torch.tensor([[1] + list(range(10, 45)) + [token] * n_visual + [50, 51, 52, 53]] * args.batch,
+                       device=args.device)
     sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
 
-    def run_once() -> float:
+    cuda = args.device == "cuda"
+
+    def run_once() -> tuple[float, float, float]:
+        """Prefill seconds, the KV cache it leaves (MiB, summed over its tensors), peak extra GPU memory (MiB)."""
         sync()
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+            base_mem = torch.cuda.memory_allocated()
         t0 = time.perf_counter()
         with torch.inference_mode():
-            model(input_ids=ids, use_cache=True, logits_to_keep=1, **inputs)
+            out = model(input_ids=ids, use_cache=True, logits_to_keep=1, **inputs)
         sync()
-        return time.perf_counter() - t0
+        dt = time.perf_counter() - t0
+        peak = (torch.cuda.max_memory_allocated() - base_mem) / 2**20 if cuda else float("nan")
+        return dt, cache_mib(out.past_key_values), peak
+
+    class _Clock:
+        """generate() streamer that timestamps each new token (its first put() is the prompt)."""
+
+        def __init__(self) -> None:
+            self.stamps: list[float] = []
+
+        def put(self, _tokens) -> None:
+            sync()
+            self.stamps.append(time.perf_counter())
+
+        def end(self) -> None:
+            pass
+
+    def decode_ms() -> float:
+        """Milliseconds per generated token after the first (prefill excluded), over ``--decode`` tokens."""
+        clock = _Clock()
+        with torch.inference_mode():
+            model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.decode + 1,
+                           min_new_tokens=args.decode + 1, do_sample=False, streamer=clock, **inputs)
+        return 1e3 * (clock.stamps[-1] - clock.stamps[1]) / args.decode
 
     configs = [("none", 1.0)] + [(m, float(r)) for m in args.methods.split(",") for r in args.ratios.split(",")]
     times: dict[tuple[str, float], list[float]] = {c: [] for c in configs}
     overhead: dict[tuple[str, float], list[float]] = {c: [] for c in configs}
+    kv: dict[tuple[str, float], float] = {}
+    peak: dict[tuple[str, float], list[float]] = {c: [] for c in configs}
+    dec: dict[tuple[str, float], list[float]] = {c: [] for c in configs}
     kept: dict[tuple[str, float], int] = {}
     layer_kept: dict[tuple[str, float], dict[int, int]] = {}
-    for rep in range(args.repeats + 1):  # round-robin so drift hits every config alike; round 0 is warm-up
+    # round-robin so drift hits every config alike; round 0 is warm-up; on a GPU one extra, untimed round
+    # measures vtc's own time with the device synchronized around it (else it absorbs queued tower kernels)
+    sync_round = args.repeats + 1 if cuda else -1
+    for rep in range(args.repeats + 1 + cuda):
         for c in configs:
             method, ratio = c
             p = vtc.patch(model, method, ratio=ratio) if method != "none" else None
-            dt = run_once()
+            if p is not None and rep == sync_round:
+                p.sync_timing = True
+            dt, kv[c], pk = run_once()
+            if args.decode and rep and rep != sync_round:
+                dec[c].append(decode_ms())
             if p is not None:
                 st = p.stats[-1]
                 kept[c] = st.tokens_after[0]
                 layer_kept[c] = {j: v[0] for j, v in st.layer_tokens.items()}
                 vtc.unpatch(model)
-                if rep:
+                if rep == sync_round or (rep and not cuda):
                     overhead[c].append(st.seconds)
             else:
                 kept[c] = n_visual
-            if rep:
+            if rep and rep != sync_round:
                 times[c].append(dt)
+                peak[c].append(pk)
     base_t = statistics.median(times[("none", 1.0)])
     geometry = dict(crops=crops, patches=patches, projected=projected)
     base_f = prefill_flops(model.config, n_visual, n_text, **geometry)
@@ -146,14 +202,19 @@ def main() -> None:
                     "onevision-video": (f"LLaVA-OneVision video ({args.frames} frames x 196)",
                                         f"SigLIP-so400m {model.config.vision_config.num_hidden_layers}L + Qwen2")}[args.model]
     print(f"{shape}-shaped prefill: {parts} {args.llm_layers}L x {args.llm_width}, {dtype}, {dev}; "
-          f"median of {args.repeats}")
-    print(f"{'method':8} {'ratio':>5} {'LLM-in':>6} {'prefill ms':>10} {'speedup':>8} {'ideal':>6} {'of ideal':>8} {'overhead':>8}")
+          f"batch {args.batch}; median of {args.repeats}")
+    print(f"{'method':8} {'ratio':>5} {'LLM-in':>6} {'prefill ms':>10} {'speedup':>8} {'ideal':>6} {'of ideal':>8} "
+          f"{'overhead':>8} {'KV MiB':>7}" + (f" {'peak MiB':>8}" if cuda else "")
+          + (f" {'decode ms/tok':>13}" if args.decode else ""))
     for c in configs:
         t = statistics.median(times[c])
         ideal = base_f / prefill_flops(model.config, kept[c], n_text, layer_kept.get(c), **geometry)
         sp = base_t / t
         ov = 100 * statistics.median(overhead[c]) / base_t if overhead[c] else 0.0
-        print(f"{c[0]:8} {c[1]:5.2f} {kept[c]:6d} {t * 1e3:10.1f} {sp:7.2f}x {ideal:5.2f}x {100 * sp / ideal:7.0f}% {ov:7.2f}%")
+        row = (f"{c[0]:8} {c[1]:5.2f} {kept[c]:6d} {t * 1e3:10.1f} {sp:7.2f}x {ideal:5.2f}x {100 * sp / ideal:7.0f}% "
+               f"{ov:7.2f}%")
+        row += f" {kv[c]:7.1f}" + (f" {statistics.median(peak[c]):8.0f}" if cuda else "")
+        print(row + (f" {statistics.median(dec[c]):13.2f}" if args.decode else ""))
 
 
 if __name__ == "__main__":

@@ -195,3 +195,18 @@ def test_manual_decode_loop_matches_generate(make_llava, llava_batch):
             am = torch.cat([am, torch.ones(1, 1, dtype=torch.long)], 1)
             out = m(input_ids=t, attention_mask=am, past_key_values=cache, use_cache=True)
     assert torch.equal(torch.cat(toks, 1)[0], ref)
+
+
+def test_sync_timing_wraps_each_vtc_region_and_is_off_on_cpu(make_llava, llava_batch):
+    """``Patch.sync_timing`` synchronizes around vtc's own code (CUDA only); the hook sees each region twice."""
+    m = make_llava()
+    b = llava_batch
+    p = vtc.patch(m, "cls", ratio=0.25)
+    p.sync_timing = True
+    assert not p.sync_timing  # a CPU model has nothing to synchronize
+    calls = []
+    p.runtime.sync = lambda: calls.append(1)  # what a CUDA model gets, counted
+    m(input_ids=b["input_ids"], attention_mask=b["attention_mask"], pixel_values=b["pixel_values"])
+    assert calls and len(calls) % 2 == 0 and p.stats[-1].seconds > 0
+    assert p.stats[-1].tokens_after == [16, 16]
+    vtc.unpatch(m)

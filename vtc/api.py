@@ -5,6 +5,7 @@ import dataclasses
 from contextlib import contextmanager
 from typing import Any, Iterator
 
+import torch
 import torch.nn as nn
 
 from .adapters import Adapter, find_adapter
@@ -27,6 +28,17 @@ class Patch:
     @property
     def stats(self) -> list[CallStats]:
         return list(self.runtime.stats)
+
+    @property
+    def sync_timing(self) -> bool:
+        """Synchronize the model's device around vtc's own code so ``stats[i].seconds`` excludes queued GPU work
+        (benchmarks; off by default because each synchronize stalls the host)."""
+        return self.runtime.sync is not None
+
+    @sync_timing.setter
+    def sync_timing(self, on: bool) -> None:
+        device = next(self.model.parameters()).device
+        self.runtime.sync = (lambda: torch.cuda.synchronize(device)) if on and device.type == "cuda" else None
 
     def last_kept(self) -> list:
         """Per image (N,) boolean keep masks of the most recent compressed images (raster order)."""

@@ -8,7 +8,7 @@ import time
 from collections import deque
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
@@ -19,7 +19,11 @@ from .sites import ScoreRequest, Selection, ViewLayout, VisualInput
 @dataclass
 class CallStats:
     """One compressed forward pass (a prefill): visual tokens per batch row before and after, and the
-    wall-clock seconds spent in vtc's own code (scoring, selection, gathers)."""
+    wall-clock seconds spent in vtc's own code (scoring, selection, gathers).
+
+    On a GPU, host time inside vtc also absorbs waiting for work queued before it (vtc's first
+    synchronizing op drains the vision tower's kernels); set ``Patch.sync_timing = True`` to synchronize
+    the device at each vtc region's entry (not counted) and exit (counted) for a true figure."""
 
     tokens_before: list[int]
     tokens_after: list[int]
@@ -42,6 +46,8 @@ class Runtime:
         self.tokens = tokens
         self.stats: deque[CallStats] = deque(maxlen=max_stats)
         self._pending_seconds = 0.0
+        #: called on entering and leaving each timed region (``Patch.sync_timing``): a device synchronize
+        self.sync: Callable[[], None] | None = None
         #: per image (N,) bool keep masks of the most recent vision-site call, for overlays and inspection
         self.last_keep: list[torch.Tensor] = []
         #: per image layouts of the most recent multi-view (AnyRes) call, aligned with ``last_keep``
@@ -96,10 +102,14 @@ class Runtime:
     @contextmanager
     def timed(self) -> Iterator[None]:
         """Count the enclosed time as compression overhead of the current call."""
+        if self.sync is not None:
+            self.sync()
         t0 = time.perf_counter()
         try:
             yield
         finally:
+            if self.sync is not None:
+                self.sync()
             self._pending_seconds += time.perf_counter() - t0
 
     def record(self, before: list[int], after: list[int]) -> CallStats:
