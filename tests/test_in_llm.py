@@ -191,6 +191,18 @@ def test_weighted_vs_mean_merge():
     assert mn.item() != pytest.approx(3.0)  # reference plain mean of means differs
 
 
+@pytest.mark.parametrize("mode", ["weighted", "mean"])
+def test_batched_merge_equals_one_sequence_at_a_time(mode):
+    torch.manual_seed(1)
+    metric, x = torch.randn(5, 196, 16), torch.randn(5, 196, 8)
+    feats, sizes, slots = merge_to(metric, x, 49, mode)
+    assert feats.shape == (5, 49, 8) and slots.shape == (5, 49)
+    for i in range(5):
+        f, sz, sl = merge_to(metric[i], x[i], 49, mode)
+        assert torch.equal(sl, slots[i]) and torch.equal(sz, sizes[i])
+        torch.testing.assert_close(f, feats[i], rtol=1e-6, atol=1e-6)
+
+
 def test_merge_schedule_matches_reference_576_288_252():
     torch.manual_seed(0)
     feats, sizes, slots = merge_to(torch.randn(576, 16), torch.randn(576, 8), 252)

@@ -1,4 +1,5 @@
 """Method logic on hand-computed inputs (no model involved)."""
+import pytest
 import torch
 
 from vtc.methods import ClsPruning, PoolCompression, RandomPruning, UniformPruning, VisionInfo, VisualInput
@@ -41,3 +42,35 @@ def test_pool_averages_cells_and_takes_centre_slots():
     # 2x2 cells: means of {0,1,4,5}=2.5, {2,3,6,7}=4.5, {8,9,12,13}=10.5, {10,11,14,15}=12.5
     assert sel.features[:, 0].tolist() == [2.5, 4.5, 10.5, 12.5]
     assert sel.index.tolist() == [0, 2, 8, 10]  # centre (floor) patch of each cell
+
+
+@pytest.mark.parametrize("name,kw", [("cls", {}), ("uniform", {}), ("random", {}), ("aim", {"prune": False}),
+                                     ("cls", {"tokens": 40})])
+def test_views_of_one_size_run_as_one_batch_with_the_same_result(name, kw):
+    """Video frames / equal crops go through a batched method's select once; the result equals one call per view."""
+    from vtc.registry import METHODS
+    from vtc.sites import ViewLayout
+
+    frames, rows, cols = 4, 6, 6
+    view = torch.cat([torch.arange(frames).repeat_interleave(rows * cols), torch.tensor([-1])])  # + a newline
+    cell = torch.arange(rows * cols)
+    row = torch.cat([(cell // cols).repeat(frames), torch.tensor([-1])])
+    col = torch.cat([(cell % cols).repeat(frames), torch.tensor([-1])])
+    lay = ViewLayout(view, row, col, (rows, cols), (0, 0), (rows, cols), kind="frames")
+    torch.manual_seed(0)
+    n = view.numel()
+    m = METHODS[name](**({"ratio": 0.25} | kw if "tokens" not in kw else kw))
+    m.setup(VisionInfo(num_layers=4, feature_layer=2, has_cls=True, grid=(rows, cols), llm_layers=4))
+    scores = {r: torch.rand(n) if r[0] != "keys" else torch.randn(n, 8)
+              for r in [(q.kind, layer) for q in m.score_requests() for layer in q.layers]}
+    visual = VisualInput(torch.randn(n, 16), 0, None, scores, lay)
+    assert m.batched
+    batched = m.select_views(visual)
+    m.batched = False
+    one_by_one = m.select_views(visual)
+    assert torch.equal(batched.index, one_by_one.index) and (n - 1) in batched.index.tolist()  # newline kept
+    assert batched.index.numel() == frames * (9 if "tokens" not in kw else 10) + 1
+    if batched.features is None:
+        assert one_by_one.features is None
+    else:
+        torch.testing.assert_close(batched.features, one_by_one.features, rtol=1e-6, atol=1e-6)

@@ -41,6 +41,7 @@ class AIM(Method):
     name = "aim"
     sites = ("vision", "llm_layer")
     budget_rule = "optional"
+    batched = True  # merge_to runs a batch of equal-size frames / crops at once
 
     def __post_init__(self) -> None:
         if self.merge_mode not in ("weighted", "mean"):

@@ -46,17 +46,23 @@ class Method:
 
     #: a method that changes features even when it keeps every token (merging) sets this
     transforms_at_full_budget: ClassVar[bool] = False
+    #: :meth:`select` also takes a batch of equal-size views: features (V, N, D), scores (V, N, ...), and
+    #: returns index (V, k) (and features (V, k, D)); :meth:`select_views` then runs each group of views
+    #: of one size (video frames, equal crops) as one call instead of one call per view
+    batched: ClassVar[bool] = False
 
     def select_views(self, visual: VisualInput) -> Selection:
-        """An AnyRes image (``visual.layout`` set): by default every view (thumbnail, each crop) is compressed
-        on its own by :meth:`select` with its own budget (``tokens=`` is spread over the views in proportion
-        to their sizes); separator tokens are always kept. Multi-view methods (GlobalCom²) override this."""
+        """An AnyRes image or a video (``visual.layout`` set): by default every view (thumbnail, each crop,
+        each frame) is compressed on its own by :meth:`select` with its own budget (``tokens=`` is spread
+        over the views in proportion to their sizes); separator tokens are always kept. Multi-view methods
+        (GlobalCom²) override this."""
         lay = visual.layout
         assert lay is not None
         n_visual = int((lay.view >= 0).sum())
         index = [torch.nonzero(lay.view < 0).flatten()]
         feats: list[torch.Tensor | None] = [None]
         replaced = False
+        groups: dict[tuple, list[torch.Tensor]] = {}  # (n, k, grid) -> slots of each view of that shape
         for v in lay.views():
             slots = torch.nonzero(lay.view == v).flatten()
             n = slots.numel()
@@ -65,11 +71,20 @@ class Method:
                 index.append(slots)
                 feats.append(None)
                 continue
-            sel = self.select(VisualInput(visual.features[slots], k, lay.view_grid(v),
-                                          {key: s[slots] for key, s in visual.scores.items()}))
-            index.append(slots[sel.index])
-            feats.append(sel.features)
-            replaced |= sel.features is not None
+            key = (n, k, lay.view_grid(v)) + (() if self.batched else (v,))
+            groups.setdefault(key, []).append(slots)
+        for (n, k, grid, *_), members in groups.items():
+            slots = torch.stack(members)  # (V, n)
+            x, sc = visual.features[slots], {key: s[slots] for key, s in visual.scores.items()}
+            if len(members) == 1:  # one view: the plain single-image call
+                sel = self.select(VisualInput(x[0], k, grid, {key: s[0] for key, s in sc.items()}))
+                sel_index, sel_feats = sel.index[None], (None if sel.features is None else sel.features[None])
+            else:
+                sel = self.select(VisualInput(x, k, grid, sc))
+                sel_index, sel_feats = sel.index, sel.features
+            index.extend(slots.gather(1, sel_index))
+            feats.extend([None] * len(members) if sel_feats is None else sel_feats)
+            replaced |= sel_feats is not None
         flat = torch.cat(index)
         order = flat.argsort()
         if not replaced:

@@ -21,12 +21,13 @@ class RandomPruning(Method):
 
     name = "random"
     sites = ("vision",)
+    batched = True
 
     def select(self, visual: VisualInput) -> Selection:
-        n = visual.features.shape[0]
+        *lead, n, _ = visual.features.shape
         g = torch.Generator().manual_seed(self.seed)
         idx = torch.randperm(n, generator=g)[: visual.budget].sort().values
-        return Selection(idx.to(visual.features.device))
+        return Selection(idx.to(visual.features.device).expand(*lead, -1))
 
 
 @dataclass
@@ -38,10 +39,11 @@ class UniformPruning(Method):
 
     name = "uniform"
     sites = ("vision",)
+    batched = True
 
     def select(self, visual: VisualInput) -> Selection:
-        n = visual.features.shape[0]
-        return Selection(uniform_indices(n, visual.budget, visual.features.device))
+        *lead, n, _ = visual.features.shape
+        return Selection(uniform_indices(n, visual.budget, visual.features.device).expand(*lead, -1))
 
 
 @dataclass

@@ -36,6 +36,7 @@ class ClsPruning(Method):
 
     name = "cls"
     sites = ("vision",)
+    batched = True
 
     def __post_init__(self) -> None:
         if self.ensemble not in ("sum", "mean", "max", "min"):
