@@ -33,10 +33,10 @@ def test_toy_llava_is_well_over_chance(toy, subset):
         pytest.skip("no toy LLaVA checkpoint bundled yet")
     model, proc = toy
     res = evaluate_mme(model, proc, subset, progress=False)
-    assert res["scores"]["question_accuracy"] >= 0.70  # chance is 0.5; the bundled checkpoint gets 0.733 here
+    assert res["scores"]["question_accuracy"] >= 0.70  # chance is 0.5; the bundled checkpoint gets 0.750 here
     res_cls = evaluate_mme(model, proc, subset, method="cls", ratio=0.5, progress=False)
     assert res_cls["compression"]["visual_tokens_after"] == 98
-    assert res_cls["scores"]["question_accuracy"] >= 0.65  # 0.700 here
+    assert res_cls["scores"]["question_accuracy"] >= 0.70  # 0.767 here
     assert vtc.get_patch(model) is None  # evaluate_mme unpatches after itself
 
 
@@ -79,4 +79,5 @@ def test_toy_qwen_is_well_over_chance(subset):
         pytest.skip("no toy Qwen2-VL checkpoint bundled")
     model, proc = load_model(TOY_QWEN)
     res = evaluate_mme(model, proc, subset, method="cls", ratio=0.5, progress=False)
-    assert res["scores"]["question_accuracy"] >= 0.65
+    assert res["compression"]["visual_tokens_after"] == 98
+    assert res["scores"]["question_accuracy"] >= 0.62  # chance is 0.5; the bundled checkpoint gets 0.667 here

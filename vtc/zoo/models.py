@@ -47,10 +47,12 @@ def default_model(device: str = "cpu") -> tuple[Any, Any, str]:
 
 
 def default_video_model(device: str = "cpu") -> tuple[Any, Any, str]:
-    """The bundled toy Qwen2-VL if present, else a tiny random-weight Qwen2-VL (the label says which)."""
+    """The bundled toy Qwen2-VL if present (trained on images; no toy video model yet), else a tiny random-weight
+    Qwen2-VL (the label says which)."""
     if (TOY_QWEN / "config.json").exists():
         model, proc = load_model(TOY_QWEN, device)
-        return model, proc, f"bundled toy Qwen2-VL ({TOY_QWEN.name})"
+        return model, proc, (f"bundled toy Qwen2-VL ({TOY_QWEN.name}, trained on ShapesMME images only: "
+                             "its video answers are not meaningful yet)")
     from transformers import Qwen2VLForConditionalGeneration
 
     from .processor import build_qwen_processor

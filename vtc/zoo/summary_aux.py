@@ -69,13 +69,14 @@ class SummaryHeads(nn.Module):
         """hidden: (rows, N, hidden) states of the visual tokens; targets: (rows, N) 0/1. Positives are rare,
         so they are weighted up (x10)."""
         logits = self.relevance(hidden).squeeze(-1)
-        return F.binary_cross_entropy_with_logits(logits, targets, pos_weight=torch.tensor(10.0))
+        return F.binary_cross_entropy_with_logits(logits, targets, pos_weight=logits.new_tensor(10.0))
 
     def loss(self, hidden: list[torch.Tensor], targets: list[dict]) -> torch.Tensor:
         """hidden: one (rows, hidden) tensor per probed layer; targets: one dict per row."""
-        stack = {k: torch.stack([t[k] for t in targets]) for k in ("present", "xpos", "xmask", "count")}
-        ints = {k: torch.tensor([t[k] for t in targets]) for k in ("digit", *_QUESTION_KEYS)}
-        total = torch.zeros(())
+        dev = hidden[0].device
+        stack = {k: torch.stack([t[k] for t in targets]).to(dev) for k in ("present", "xpos", "xmask", "count")}
+        ints = {k: torch.tensor([t[k] for t in targets], device=dev) for k in ("digit", *_QUESTION_KEYS)}
+        total = torch.zeros((), device=dev)
         for heads, h in zip(self.sets, hidden):
             total = total + F.binary_cross_entropy_with_logits(heads["present"](h), stack["present"])
             err = (torch.sigmoid(heads["xpos"](h)) - stack["xpos"]) ** 2 * stack["xmask"]
@@ -116,7 +117,7 @@ def word_target(labels: torch.Tensor, embedding: torch.Tensor, word_ids: list[li
     target = sum(embedding[ids][labels[:, a]] for a, ids in enumerate(word_ids))
     if x_words is not None:
         grid = math.isqrt(labels.shape[-1])
-        x = (torch.arange(labels.shape[-1]) % grid).float() / (grid - 1)
+        x = (torch.arange(labels.shape[-1], device=labels.device) % grid).float() / (grid - 1)
         left, right = embedding[x_words[0]], embedding[x_words[1]]
         target = target + (1 - x)[:, None] * left + x[:, None] * right
     return target.detach()
