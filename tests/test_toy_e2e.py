@@ -9,7 +9,7 @@ import pytest
 import vtc
 from vtc.eval.mme_data import load_mme, write_shapes_mme
 from vtc.eval.runner import evaluate_mme
-from vtc.zoo.models import TOY_LLAVA, TOY_QWEN, default_model, load_model
+from vtc.zoo.models import TOY_LLAVA, TOY_NEXT, TOY_QWEN, default_model, load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -81,3 +81,14 @@ def test_toy_qwen_is_well_over_chance(subset):
     res = evaluate_mme(model, proc, subset, method="cls", ratio=0.5, progress=False)
     assert res["compression"]["visual_tokens_after"] == 98
     assert res["scores"]["question_accuracy"] >= 0.62  # chance is 0.5; the bundled checkpoint gets 0.667 here
+
+
+@pytest.mark.slow
+def test_toy_llava_next_with_globalcom2_is_well_over_chance(tmp_path):
+    if not (TOY_NEXT / "config.json").exists():
+        pytest.skip("no toy LLaVA-NeXT checkpoint bundled")
+    write_shapes_mme(tmp_path, seed=3000, per_category=6, canvas=224)  # the high-resolution test split
+    model, proc = load_model(TOY_NEXT)
+    res = evaluate_mme(model, proc, load_mme(tmp_path / "mme.parquet"), method="globalcom2", ratio=0.25,
+                       progress=False)
+    assert res["scores"]["question_accuracy"] >= 0.62  # chance is 0.5; the bundled checkpoint gets 0.683 here

@@ -125,16 +125,22 @@ def test_checkpoint_of_another_family_is_a_clear_error(tmp_path, monkeypatch, fl
         train_toy.main()
 
 
-def test_frozen_tower_forward_equals_the_models_own():
+@pytest.mark.parametrize("family", ["llava", "llava-next"])
+def test_frozen_tower_forward_equals_the_models_own(family, tmp_path):
     import random
 
     from vtc.zoo import train_toy
     from vtc.zoo.shapes import ShapesGenerator
 
     torch.manual_seed(0)
-    fam = train_toy.Family("llava")
-    model = fam.new_model().eval()
-    gen = ShapesGenerator(5)
+    fam = train_toy.Family(family)
+    if family == "llava":
+        model = fam.new_model().eval()
+    else:  # AnyRes over a 224-px canvas: 14x14 thumbnail + 28 rows of (28 crop tokens + a newline)
+        assert fam.n_image == 14 * 14 + 28 * 29 and fam.canvas == 224
+        train_toy.Family("llava").new_model().save_pretrained(tmp_path / "llava")
+        model = train_toy.next_from_llava(fam, str(tmp_path / "llava")).eval()
+    gen = ShapesGenerator(5, canvas=fam.canvas)
     samples = [gen.training_sample(max_questions=3) for _ in range(3)]
     inputs, lab, scenes, image_of_row = train_toy.batch_from(samples, fam, model, 0.0, random.Random(0), True)
     assert len(image_of_row) == len(lab) == sum(len(s[1].qa) for s in samples) > 3  # rows share images
@@ -142,6 +148,14 @@ def test_frozen_tower_forward_equals_the_models_own():
     out, feats = train_toy.forward_frozen_tower(model, fam, inputs, image_of_row, labels=lab)
     assert feats.shape == (len(lab), fam.n_image, model.config.text_config.hidden_size)
     assert torch.allclose(out.logits, ref.logits, atol=1e-5) and torch.allclose(out.loss, ref.loss, atol=1e-6)
+
+
+def test_llava_next_needs_a_toy_llava_to_start_from(tmp_path, monkeypatch):
+    from vtc.zoo import train_toy
+
+    monkeypatch.setattr("sys.argv", ["train_toy", "--family", "llava-next", "--out", str(tmp_path)])
+    with pytest.raises(ValueError, match="--from-llava PATH --start-stage 3 --aux 0"):
+        train_toy.main()
 
 
 def test_resume_and_init_together_is_a_clear_error(tmp_path, monkeypatch):

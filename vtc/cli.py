@@ -37,7 +37,7 @@ def _records(args):
         recs = load_mme(args.data)
     else:
         tmp = Path(tempfile.mkdtemp(prefix="shapes-mme-"))
-        write_shapes_mme(tmp, TEST_SEED, args.per_category)
+        write_shapes_mme(tmp, TEST_SEED, args.per_category, canvas=args.canvas)
         recs = load_mme(tmp / "mme.parquet")
     if args.limit:
         # keep whole images (both questions) so scoring stays valid
@@ -47,13 +47,16 @@ def _records(args):
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", help="local checkpoint folder, or toy-llava / toy-qwen2-vl (default: the bundled toy LLaVA)")
+    p.add_argument("--model", help="local checkpoint folder, or toy-llava / toy-qwen2-vl / toy-llava-next "
+                   "(default: the bundled toy LLaVA)")
     p.add_argument("--data", help="MME: parquet file/folder or MME_Benchmark folder; Video-MME: records "
                    "(parquet/JSON) with data/<videoID>.mp4 (default: the ShapesMME / ShapesVideo test split)")
     p.add_argument("--per-category", type=int, default=40,
                    help="when generating: ShapesMME images per category / ShapesVideo clips per task x duration")
     p.add_argument("--limit", type=int, default=0, help="evaluate only the first N images (MME) / questions (Video-MME)")
     p.add_argument("--frames", type=int, default=32, help="Video-MME: frames sampled uniformly per video")
+    p.add_argument("--canvas", type=int, default=112,
+                   help="when generating ShapesMME: image side in px (224: the high-resolution split of the toy NeXT)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", help="output folder (predictions.jsonl, results.json); reused to resume")
@@ -86,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     sm.add_argument("--out", required=True)
     sm.add_argument("--seed", type=int, default=TEST_SEED)
     sm.add_argument("--per-category", type=int, default=40)
+    sm.add_argument("--canvas", type=int, default=112, help="image side in px (224: the high-resolution split)")
     sv = data.add_parser("shapes-video", help="ShapesVideo in the Video-MME schema (data/<videoID>.mp4 + records)")
     sv.add_argument("--out", required=True)
     sv.add_argument("--seed", type=int, default=TEST_SEED)
@@ -102,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
             print(write_shapes_video(args.out, args.seed, args.per_cell))
         else:
             from .eval.mme_data import write_shapes_mme
-            print(write_shapes_mme(args.out, args.seed, args.per_category))
+            print(write_shapes_mme(args.out, args.seed, args.per_category, canvas=args.canvas))
         return 0
     from .eval.runner import evaluate_mme, sweep
 

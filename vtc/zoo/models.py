@@ -9,15 +9,16 @@ import torch
 CHECKPOINTS = Path(__file__).parent / "checkpoints"
 TOY_LLAVA = CHECKPOINTS / "toy-llava"
 TOY_QWEN = CHECKPOINTS / "toy-qwen2-vl"
+TOY_NEXT = CHECKPOINTS / "toy-llava-next"
 
 
 def load_model(path: str | Path, device: str = "cpu", dtype: torch.dtype | None = None, attn: str = "sdpa"):
     """Load a local checkpoint (llava-hf, Qwen2-VL, ... any image-text-to-text model) and its processor, offline.
 
-    ``path`` may also be ``toy-llava`` or ``toy-qwen2-vl`` for the bundled toy models."""
+    ``path`` may also be ``toy-llava``, ``toy-qwen2-vl`` or ``toy-llava-next`` for the bundled toy models."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    if str(path) in ("toy-llava", "toy-qwen2-vl"):
+    if str(path) in ("toy-llava", "toy-qwen2-vl", "toy-llava-next"):
         path = CHECKPOINTS / str(path)
     path = Path(path)
     if not path.exists():

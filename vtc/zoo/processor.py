@@ -66,6 +66,23 @@ def build_llava_processor(image_size: int, patch_size: int):
     )
 
 
+def build_llava_next_processor(crop: int, patch_size: int, pinpoints: list[list[int]]):
+    """A ``LlavaNextProcessor`` for the toy AnyRes model: a ``crop``-px thumbnail plus crops of ``crop`` px tiling the
+    best of ``pinpoints`` (the toy LLaVA's CLIP image processing per view)."""
+    from transformers import LlavaNextImageProcessor, LlavaNextProcessor
+
+    base = build_llava_processor(crop, patch_size)
+    image_processor = LlavaNextImageProcessor(
+        size={"shortest_edge": crop}, crop_size={"height": crop, "width": crop}, image_grid_pinpoints=pinpoints,
+        image_mean=base.image_processor.image_mean, image_std=base.image_processor.image_std,
+    )
+    return LlavaNextProcessor(
+        image_processor=image_processor, tokenizer=base.tokenizer, patch_size=patch_size,
+        vision_feature_select_strategy="default", num_additional_image_tokens=1, chat_template=CHAT_TEMPLATE,
+        image_token=IMAGE_TOKEN,
+    )
+
+
 QWEN_SPECIALS = ["<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>"]
 QWEN_CHAT_TEMPLATE = (  # question first, like the toy LLaVA template (see CHAT_TEMPLATE)
     "{% for message in messages %}{% if message['role'] == 'user' %}USER: "
