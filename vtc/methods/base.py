@@ -75,9 +75,9 @@ class Method:
             groups.setdefault(key, []).append(slots)
         for (n, k, grid, *_), members in groups.items():
             slots = torch.stack(members)  # (V, n)
-            x, sc = visual.features[slots], {key: s[slots] for key, s in visual.scores.items()}
+            x, sc = visual.features[slots], {name: s[slots] for name, s in visual.scores.items()}
             if len(members) == 1:  # one view: the plain single-image call
-                sel = self.select(VisualInput(x[0], k, grid, {key: s[0] for key, s in sc.items()}))
+                sel = self.select(VisualInput(x[0], k, grid, {name: s[0] for name, s in sc.items()}))
                 sel_index, sel_feats = sel.index[None], (None if sel.features is None else sel.features[None])
             else:
                 sel = self.select(VisualInput(x, k, grid, sc))

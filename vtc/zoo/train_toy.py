@@ -570,7 +570,8 @@ def next_from_llava(fam: Family, path: str):
     from PIL import Image
     from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
 
-    src = Family("llava").load(path)
+    llava = Family("llava")  # on the CPU: main moves the new model to the training device
+    src = llava.load(path)
     c = src.config
     cfg = LlavaNextConfig(vision_config=c.vision_config, text_config=c.text_config, image_token_id=c.image_token_id,
                           vision_feature_layer=c.vision_feature_layer,
@@ -582,8 +583,8 @@ def next_from_llava(fam: Family, path: str):
         raise ValueError(f"--from-llava {path}: not a toy LLaVA checkpoint (missing {missing[:3]})")
     blank = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), (245, 245, 245))
     with torch.no_grad():
-        pix = Family("llava").pixels([blank])
-        feats = src.model.multi_modal_projector(_tower_features(src.model.vision_tower, Family("llava"), src, pix)[1])
+        pix = llava.pixels([blank])
+        feats = src.model.multi_modal_projector(_tower_features(src.model.vision_tower, llava, src, pix)[1])
         model.model.image_newline.copy_(feats.reshape(-1, feats.shape[-1]).mean(0))
     return model
 
