@@ -5,7 +5,7 @@ import torch
 
 import vtc
 from vtc.core.merge import bipartite_merge, merge_to
-from vtc.core.scores import pagerank_importance
+from vtc.core.scores import pagerank_importance, pagerank_importance_qk
 from vtc.methods import AIM, ClsPruning, Compose, FastV
 from vtc.zoo.tiny import llava_prompt
 
@@ -208,6 +208,18 @@ def test_merge_schedule_matches_reference_576_288_252():
     feats, sizes, slots = merge_to(torch.randn(576, 16), torch.randn(576, 8), 252)
     assert feats.shape == (252, 8) and sizes.sum().item() == 576
     assert torch.equal(slots, slots.sort().values)
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 8])
+def test_pagerank_a_few_heads_at_a_time_equals_all_heads(chunk):
+    torch.manual_seed(0)
+    q, k = torch.randn(2, 7, 10, 16), torch.randn(2, 7, 10, 16)
+    allowed = torch.ones(10, 10, dtype=torch.bool).tril()[None].repeat(2, 1, 1)
+    allowed[1, :, :3] = False  # a left-padded row: its first three keys are padding
+    allowed[1, :3] = False
+    full = pagerank_importance(q @ k.transpose(-1, -2) * 0.25, allowed, tau=0.1, iters=5)
+    torch.testing.assert_close(pagerank_importance_qk(q, k, 0.25, allowed, 0.1, 5, heads_per_chunk=chunk), full,
+                               rtol=1e-5, atol=1e-7)
 
 
 def test_pagerank_hand_computed():

@@ -64,6 +64,20 @@ def pagerank_importance(logits: torch.Tensor, allowed: torch.Tensor, tau: float 
     return p.squeeze(2).pow(2).mean(1).sqrt()
 
 
+def pagerank_importance_qk(q: torch.Tensor, k: torch.Tensor, scale: float, allowed: torch.Tensor, tau: float = 0.1,
+                           iters: int = 5, heads_per_chunk: int = 4) -> torch.Tensor:
+    """:func:`pagerank_importance` from post-RoPE q (B, H, L, d) and k (B, H, L, d), a few heads at a time, so
+    at most (B, heads_per_chunk, L, L) attention maps exist at once instead of all H (a 6,000-token video prompt
+    with 28 heads would need ~4 GB per fp32 copy). Same result: the RMS over heads is rebuilt from the chunks."""
+    h = q.shape[1]
+    sq = torch.zeros(q.shape[0], q.shape[2], dtype=torch.float32, device=q.device)
+    for h0 in range(0, h, heads_per_chunk):
+        qc, kc = q[:, h0:h0 + heads_per_chunk].float(), k[:, h0:h0 + heads_per_chunk].float()
+        rms = pagerank_importance(torch.matmul(qc, kc.transpose(-1, -2)) * scale, allowed, tau, iters)
+        sq += rms.pow(2) * qc.shape[1]
+    return (sq / h).sqrt()
+
+
 def attention_received(q: torch.Tensor, k: torch.Tensor, scale: float, chunk: int = 1024) -> torch.Tensor:
     """Mean attention each key receives from all queries, averaged over heads, without holding the full map.
 

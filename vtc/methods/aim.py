@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from ..core.merge import merge_to
-from ..core.scores import pagerank_importance
+from ..core.scores import pagerank_importance_qk
 from .base import LLMLayerInput, Method, ScoreRequest, Selection, VisionInfo, VisualInput
 from .fastv import keep_top_visual
 
@@ -85,8 +85,8 @@ class AIM(Method):
         return {i: "all" for i in range(self.l1, min(self.l2, num_layers - 1))}
 
     def llm_keep(self, inp: LLMLayerInput) -> torch.Tensor:
-        logits = torch.matmul(inp.q.float(), _repeat_kv(inp.k, inp.q.shape[1]).float().transpose(-1, -2)) * inp.scale
-        score = pagerank_importance(logits, inp.allowed, self.tau, self.iters)
+        score = pagerank_importance_qk(inp.q, _repeat_kv(inp.k, inp.q.shape[1]), inp.scale, inp.allowed, self.tau,
+                                       self.iters)
         counts = [self.visual_kept_after(inp.layer, int(v)) for v in inp.visual_input.tolist()]
         return keep_top_visual(score, inp, counts)
 
