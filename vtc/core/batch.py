@@ -23,9 +23,11 @@ def left_repad_index(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """``x[b, index[b, j]]`` for x of shape (B, L, ...) and index (B, Lk)."""
-    idx = index.reshape(*index.shape, *([1] * (x.dim() - 2))).expand(*index.shape, *x.shape[2:])
-    return x.gather(1, idx)
+    """``x[b, index[b, j]]`` for x of shape (B, L, ...) and index (B, Lk).
+
+    Advanced indexing, not ``gather`` with an expanded index: same result, and on a CPU several times faster for
+    wide rows (``gather`` walks the expanded index element by element)."""
+    return x[torch.arange(x.shape[0], device=x.device)[:, None], index]
 
 
 def scatter_rows(x: torch.Tensor, index: torch.Tensor, valid: torch.Tensor, length: int) -> torch.Tensor:

@@ -9,10 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-
-def _take(v: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """Rows ``idx`` (B, r) of each sequence of ``v`` (B, T, ...) -> (B, r, ...)."""
-    return v[torch.arange(v.shape[0], device=v.device)[:, None], idx]
+from .batch import gather_rows
 
 
 def _add_at(base: torch.Tensor, idx: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
@@ -44,25 +41,28 @@ def bipartite_merge(
         best, best_dst = (m[:, 0::2] @ m[:, 1::2].transpose(1, 2)).max(dim=-1)  # (B, Ta)
         order = best.argsort(dim=-1, descending=True, stable=True)
         src_idx, unm_idx = order[:, :r], order[:, r:]
-        dst_idx = _take(best_dst, src_idx)
+        dst_idx = gather_rows(best_dst, src_idx)
         w = size.float() if mode == "weighted" else torch.ones_like(size, dtype=torch.float)
         ws, wd = w[:, 0::2], w[:, 1::2]
-        w_src = _take(ws, src_idx)
+        w_src = gather_rows(ws, src_idx)
         tot = _add_at(wd, dst_idx, w_src)
 
         def combine(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             src, dst = v[:, 0::2], v[:, 1::2]
-            acc = _add_at(dst.float() * wd[..., None], dst_idx, _take(src, src_idx).float() * w_src[..., None])
-            return _take(src, unm_idx), (acc / tot[..., None]).to(v.dtype)
+            moved = gather_rows(src, src_idx).float() * w_src[..., None]
+            acc = _add_at(dst.float() * wd[..., None], dst_idx, moved)
+            return gather_rows(src, unm_idx), (acc / tot[..., None]).to(v.dtype)
 
         x_unm, x_dst = combine(x)
         k_unm, k_dst = combine(metric)
         size_src, size_dst = size[:, 0::2], size[:, 1::2]
-        size_new = torch.cat([_take(size_src, unm_idx), _add_at(size_dst, dst_idx, _take(size_src, src_idx))], 1)
-        slot_new = torch.cat([_take(slot[:, 0::2], unm_idx), slot[:, 1::2]], 1)
+        size_merged = _add_at(size_dst, dst_idx, gather_rows(size_src, src_idx))
+        size_new = torch.cat([gather_rows(size_src, unm_idx), size_merged], 1)
+        slot_new = torch.cat([gather_rows(slot[:, 0::2], unm_idx), slot[:, 1::2]], 1)
         order = slot_new.argsort(dim=1)
-        metric, x = _take(torch.cat([k_unm, k_dst], 1), order), _take(torch.cat([x_unm, x_dst], 1), order)
-        size, slot = _take(size_new, order), _take(slot_new, order)
+        metric = gather_rows(torch.cat([k_unm, k_dst], 1), order)
+        x = gather_rows(torch.cat([x_unm, x_dst], 1), order)
+        size, slot = gather_rows(size_new, order), gather_rows(slot_new, order)
     if single:
         return metric[0], x[0], size[0], slot[0]
     return metric, x, size, slot
