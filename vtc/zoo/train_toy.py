@@ -588,8 +588,7 @@ def next_from_llava(fam: Family, path: str):
         raise ValueError(f"--from-llava {path}: not a toy LLaVA checkpoint (missing {missing[:3]})")
     blank = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), (245, 245, 245))
     with torch.no_grad():
-        pix = llava.pixels([blank])
-        feats = src.model.multi_modal_projector(_tower_features(src.model.vision_tower, llava, src, pix)[1])
+        feats = llava.projector(src)(llava.projector_input(src, llava.pixels([blank])))
         model.model.image_newline.copy_(feats.reshape(-1, feats.shape[-1]).mean(0))
     return model
 
