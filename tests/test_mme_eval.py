@@ -90,3 +90,12 @@ def test_folder_layout_with_images_and_qa_subfolders(tmp_path):
     (cat / "questions_answers_YN" / "10.txt").write_text("Is it red? Please answer yes or no.\tNo\nIs it black? Please answer yes or no.\tYes\n")
     recs = load_mme(tmp_path)
     assert [(r.question_id, r.answer) for r in recs] == [("artwork/10.jpg", "No"), ("artwork/10.jpg", "Yes")]
+
+
+def test_cli_writes_the_high_resolution_split_at_the_asked_canvas(tmp_path):
+    from vtc.cli import main
+
+    assert main(["data", "shapes-mme", "--out", str(tmp_path / "hi"), "--per-category", "1", "--canvas", "224"]) == 0
+    assert main(["data", "shapes-mme", "--out", str(tmp_path / "lo"), "--per-category", "1"]) == 0
+    assert {r.image().size for r in load_mme(tmp_path / "hi" / "mme.parquet")} == {(224, 224)}
+    assert {r.image().size for r in load_mme(tmp_path / "lo" / "mme.parquet")} == {(112, 112)}
