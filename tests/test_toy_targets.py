@@ -174,3 +174,31 @@ def test_lr_schedule_follows_the_clock_not_a_step_estimate():
     assert _lr(500, 0.5, 1.0) == pytest.approx(0.5) and _lr(500, 1.0, 1.0) == pytest.approx(0.0)
     assert _lr(500, 1.2, 1.0) == pytest.approx(0.0)  # the last step may run a little past the budget
 
+
+
+def test_category_weights_pick_the_scene_category_and_keep_its_questions():
+    from vtc.zoo.shapes import ShapesGenerator
+
+    gen = ShapesGenerator(9)
+    only_colour = {"existence": 0, "count": 0, "position": 0, "OCR": 0, "color": 1}
+    for _ in range(10):
+        _, scene = gen.training_sample(max_questions=4, weights=only_colour)
+        assert len(scene.qa) == 4 and [a for _, a in scene.qa[:2]] == ["Yes", "No"]
+        assert all(q.endswith("object in the image?") for q, _ in scene.qa[:2])  # the colour questions first
+        assert len(set(scene.qa)) == 4
+    n, position = 600, 0
+    for _ in range(n):
+        _, scene = gen.training_sample(max_questions=4, weights={"color": 3, "position": 3})
+        position += " of the " in scene.qa[0][0]  # "Is the circle on the left of the square?"
+    assert abs(position / n - 3 / 9) < 0.06  # the scene's category has weight 3 of 9; uniform would give 1/5
+    with pytest.raises(ValueError, match="unknown categories \\['colour'\\]"):
+        gen.training_sample(weights={"colour": 2})
+
+
+def test_category_weights_flag_parses_and_rejects_bad_text():
+    from vtc.zoo.train_toy import parse_weights
+
+    assert parse_weights("") is None and parse_weights("color=3, position=2") == {"color": 3.0, "position": 2.0}
+    for bad in ("color", "color=x", "color=-1"):
+        with pytest.raises(ValueError, match="CATEGORY=NUMBER"):
+            parse_weights(bad)

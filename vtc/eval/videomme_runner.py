@@ -20,6 +20,18 @@ def _generate(model, processor, batch: list[VideoMMERecord], frames: int, max_ne
         conv = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": text}]}]
         prompts.append(processor.apply_chat_template(conv, add_generation_prompt=True))
         videos.append(list(load_video(r.video_path, frames)[0]))
+    # videos shorter than ``frames`` give fewer frames; models taking a (B, F, ...) tensor (OneVision) need one
+    # frame count per call, so each count is generated as its own sub-batch (same results as one call per row)
+    replies: list[str] = [""] * len(batch)
+    for n in sorted({len(v) for v in videos}):
+        rows = [i for i, v in enumerate(videos) if len(v) == n]
+        for i, reply in zip(rows, _generate_rows(model, processor, [prompts[i] for i in rows],
+                                                 [videos[i] for i in rows], max_new_tokens)):
+            replies[i] = reply
+    return replies
+
+
+def _generate_rows(model, processor, prompts: list[str], videos: list, max_new_tokens: int) -> list[str]:
     inputs = processor(text=prompts, videos=videos, return_tensors="pt", padding=True).to(model.device)
     if "pixel_values_videos" in inputs:
         inputs["pixel_values_videos"] = inputs["pixel_values_videos"].to(model.dtype)

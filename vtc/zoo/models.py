@@ -10,15 +10,17 @@ CHECKPOINTS = Path(__file__).parent / "checkpoints"
 TOY_LLAVA = CHECKPOINTS / "toy-llava"
 TOY_QWEN = CHECKPOINTS / "toy-qwen2-vl"
 TOY_NEXT = CHECKPOINTS / "toy-llava-next"
+TOY_OV = CHECKPOINTS / "toy-llava-onevision"
+TOYS = ("toy-llava", "toy-qwen2-vl", "toy-llava-next", "toy-llava-onevision")
 
 
 def load_model(path: str | Path, device: str = "cpu", dtype: torch.dtype | None = None, attn: str = "sdpa"):
     """Load a local checkpoint (llava-hf, Qwen2-VL, ... any image-text-to-text model) and its processor, offline.
 
-    ``path`` may also be ``toy-llava``, ``toy-qwen2-vl`` or ``toy-llava-next`` for the bundled toy models."""
+    ``path`` may also be the name of a bundled toy model (:data:`TOYS`)."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    if str(path) in ("toy-llava", "toy-qwen2-vl", "toy-llava-next"):
+    if str(path) in TOYS:
         path = CHECKPOINTS / str(path)
     path = Path(path)
     if not path.exists():
@@ -48,8 +50,11 @@ def default_model(device: str = "cpu") -> tuple[Any, Any, str]:
 
 
 def default_video_model(device: str = "cpu") -> tuple[Any, Any, str]:
-    """The bundled toy Qwen2-VL if present (trained on images; no toy video model yet), else a tiny random-weight
-    Qwen2-VL (the label says which)."""
+    """The bundled toy video model (LLaVA-OneVision style, trained on ShapesVideo) if present, else the toy
+    Qwen2-VL (trained on images only), else a tiny random-weight Qwen2-VL (the label says which)."""
+    if (TOY_OV / "config.json").exists():
+        model, proc = load_model(TOY_OV, device)
+        return model, proc, f"bundled toy LLaVA-OneVision ({TOY_OV.name}, trained on ShapesVideo)"
     if (TOY_QWEN / "config.json").exists():
         model, proc = load_model(TOY_QWEN, device)
         return model, proc, (f"bundled toy Qwen2-VL ({TOY_QWEN.name}, trained on ShapesMME images only: "

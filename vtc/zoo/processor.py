@@ -107,3 +107,33 @@ def build_qwen_processor(image_size: int, patch_size: int = 4, merge_size: int =
                                             min_pixels=pixels, max_pixels=pixels, cap_pixels_per_frame=True)
     return Qwen2VLProcessor(image_processor=image_processor, tokenizer=tok, video_processor=video_processor,
                             chat_template=QWEN_CHAT_TEMPLATE)
+
+
+VIDEO_TOKEN = "<video>"
+LETTERS = "ABCD"  # answer letters for Video-MME-style questions (the word-level vocabulary is lower-cased)
+OV_CHAT_TEMPLATE = CHAT_TEMPLATE.replace(  # question first, then the image or video
+    "{% if c['type'] == 'image' %} <image>{% endif %}",
+    "{% if c['type'] == 'image' %} <image>{% elif c['type'] == 'video' %} <video>{% endif %}",
+)
+
+
+def build_llava_onevision_processor(crop: int, patch_size: int, pinpoints: list[list[int]]):
+    """A ``LlavaOnevisionProcessor`` for the toy video model: the toy LLaVA's tokenizer plus ``<video>`` and upper-case
+    ``A``-``D`` tokens (so replies parse with Video-MME's letter rules), ``crop``-px frames pooled 2x2 by the model,
+    images as AnyRes views over ``pinpoints`` like the toy LLaVA-NeXT."""
+    from tokenizers import AddedToken
+    from transformers import LlavaOnevisionImageProcessor, LlavaOnevisionProcessor, LlavaOnevisionVideoProcessor
+
+    tok = build_tokenizer()  # existing ids unchanged: the new tokens are appended
+    tok.add_tokens([AddedToken(letter, single_word=True, normalized=False) for letter in LETTERS])
+    tok.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN, VIDEO_TOKEN]})
+    base = build_llava_processor(crop, patch_size).image_processor
+    square = {"height": crop, "width": crop}
+    image_processor = LlavaOnevisionImageProcessor(size=square, image_grid_pinpoints=pinpoints,
+                                                   image_mean=base.image_mean, image_std=base.image_std)
+    video_processor = LlavaOnevisionVideoProcessor(size=square, image_mean=base.image_mean, image_std=base.image_std)
+    return LlavaOnevisionProcessor(
+        image_processor=image_processor, tokenizer=tok, video_processor=video_processor,
+        num_image_tokens=(crop // patch_size) ** 2, vision_feature_select_strategy="default",
+        chat_template=OV_CHAT_TEMPLATE, image_token=IMAGE_TOKEN, video_token=VIDEO_TOKEN,
+    )

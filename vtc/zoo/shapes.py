@@ -218,8 +218,22 @@ class ShapesGenerator:
                 scene.qa = qa
             return self.render(scene), scene
 
-    def training_sample(self, max_questions: int = 6) -> tuple[Image.Image, Scene]:
-        """A scene with several question-answer pairs drawn from every applicable category."""
+    def training_sample(self, max_questions: int = 6,
+                        weights: dict[str, float] | None = None) -> tuple[Image.Image, Scene]:
+        """A scene with several question-answer pairs drawn from every applicable category.
+
+        ``weights`` (category -> relative weight, missing ones 1) picks the scene's category by weight and keeps
+        its two questions first, so weighted categories get more of the questions; None keeps uniform draws."""
+        if weights is not None:
+            unknown = set(weights) - set(CATEGORIES)
+            if unknown:
+                raise ValueError(f"unknown categories {sorted(unknown)} in weights; allowed: {CATEGORIES}")
+            cat = self.rng.choices(CATEGORIES, [weights.get(c, 1.0) for c in CATEGORIES])[0]
+            img, scene = self.sample(cat)
+            rest = [x for c in CATEGORIES for x in (self.questions(scene, c) or []) if x not in scene.qa]
+            self.rng.shuffle(rest)
+            scene.qa = (list(scene.qa) + rest)[:max_questions]
+            return img, scene
         cat = self.rng.choice(CATEGORIES)
         img, scene = self.sample(cat)
         qa = list(scene.qa)

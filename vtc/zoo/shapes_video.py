@@ -9,7 +9,7 @@ long; 2 / 4 / 8 s at 8 fps here). Records follow the Video-MME schema.
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -36,6 +36,7 @@ class Clip:
     question: str
     options: list[str]  # ["A. ...", "B. ...", ...]
     answer: str  # a letter
+    key_frames: list[int] = field(default_factory=list)  # the frames that show what the answer is read from
 
 
 class ShapesVideoGenerator:
@@ -91,6 +92,7 @@ class ShapesVideoGenerator:
                 a = t / (n - 1)
                 x, y = start[0] + a * (end[0] - start[0]), start[1] + a * (end[1] - start[1])
                 frames.append(self._render([self._obj(shape, color, x, y, s)], bg))
+            key = list(range(n))
             q = f"Which direction does the {color} {shape} move?"
             options, answer = self._options(direction, list(DIRECTIONS))
         elif task == "order":
@@ -100,6 +102,7 @@ class ShapesVideoGenerator:
             objs = [self._obj(sh, c, x, y, s) for (c, sh), (x, y) in zip(picks, spots)]
             for t in range(n):
                 frames.append(self._render([o for k, o in enumerate(objs) if t >= (k + 1) * n // 5], bg))
+            key = [t for t in range(n) if n // 5 <= t < 2 * n // 5]  # the first object, alone
             q = "Which object appears first?"
             labels = [f"{c} {sh}" for c, sh in picks]
             order = list(range(4))
@@ -118,6 +121,7 @@ class ShapesVideoGenerator:
             objs = [self._obj(sh, rng.choice(list(COLORS)), x, y, s) for sh, (x, y) in zip(seq, spots)]
             for t in range(n):
                 frames.append(self._render([objs[t * len(objs) // n]], bg))
+            key = [t for t in range(n) if objs[t * len(objs) // n].shape == shape]
             q = f"How many {plural(shape)} appear in the video?"
             options, answer = self._options(NUMBERS[k], list(NUMBERS[1:6]))
         else:  # change
@@ -126,6 +130,7 @@ class ShapesVideoGenerator:
             (x, y), = self._spots(1, s)
             for t in range(n):
                 frames.append(self._render([self._obj(shape, c0 if t < n // 2 else c1, x, y, s)], bg))
+            key = list(range(n // 2, n))
             q = f"What color does the {shape} change to?"
             options, answer = self._options(c1, list(COLORS))
-        return Clip(frames, task, duration, q, options, answer)
+        return Clip(frames, task, duration, q, options, answer, key)

@@ -1,0 +1,87 @@
+"""The toy video model (LLaVA-OneVision from the toy LLaVA): conversion, training inputs == evaluation inputs,
+letter tokens, and Video-MME batches whose videos have different frame counts."""
+import pytest
+import torch
+
+from vtc.eval.videomme_scoring import extract_letter, videomme_prompt
+from vtc.zoo.models import TOY_LLAVA
+from vtc.zoo.shapes_video import ShapesVideoGenerator
+
+pytestmark = pytest.mark.skipif(not (TOY_LLAVA / "config.json").exists(), reason="needs the bundled toy LLaVA")
+
+
+@pytest.fixture(scope="module")
+def converted():
+    from vtc.zoo.processor import build_llava_onevision_processor
+    from vtc.zoo.train_toy import IMAGE_SIZE, NEXT_PINPOINTS, PATCH
+    from vtc.zoo.train_video import onevision_from_llava
+
+    proc = build_llava_onevision_processor(IMAGE_SIZE, PATCH, NEXT_PINPOINTS)
+    return onevision_from_llava(TOY_LLAVA, proc).eval(), proc
+
+
+def test_conversion_keeps_the_llava_weights(converted):
+    from transformers import AutoModelForImageTextToText
+
+    model, proc = converted
+    src = AutoModelForImageTextToText.from_pretrained(TOY_LLAVA)
+    s = src.state_dict()
+    for k, v in model.state_dict().items():
+        if k == "model.image_newline":
+            continue
+        if "embed_tokens" in k or k == "lm_head.weight":  # grown by the new tokens, old rows kept
+            assert v.shape[0] == len(proc.tokenizer) > s[k].shape[0]
+            assert torch.equal(v[: s[k].shape[0]], s[k])
+        else:
+            assert torch.equal(v, s[k]), k
+
+
+def test_letters_are_tokens_and_replies_parse(converted):
+    _, proc = converted
+    tok = proc.tokenizer
+    ids = tok("A. red\nB. blue", add_special_tokens=False)["input_ids"]
+    assert tok.convert_ids_to_tokens(ids) == ["A", ".", "red", "B", ".", "blue"]  # upper-case letters survive
+    assert extract_letter(tok.decode(tok.convert_tokens_to_ids(["C"]), skip_special_tokens=True)) == "C"
+    assert len({tok.convert_tokens_to_ids(x) for x in "ABCD"}) == 4
+
+
+def test_training_inputs_equal_the_models_own_forward(converted):
+    """What the trainer feeds (features scattered into expanded placeholders) == processor + model forward."""
+    from vtc.zoo.train_video import Sample, batch_forward, encode, video_features
+
+    model, proc = converted
+    clip = ShapesVideoGenerator(3).clip("order", "short")
+    conv = [{"role": "user", "content": [{"type": "video"},
+                                         {"type": "text", "text": videomme_prompt(clip.question, clip.options)}]}]
+    enc = proc(text=[proc.apply_chat_template(conv, add_generation_prompt=True)], videos=[list(clip.frames)],
+               return_tensors="pt")
+    with torch.no_grad():
+        ref = model(**enc).logits[0]
+    s = Sample.__new__(Sample)
+    s.clip, s.feats = clip, video_features(model, proc, clip.frames)
+    s.evidence = torch.zeros(len(s.feats), dtype=torch.bool)
+    assert len(s.feats) == 16 * 49 + 1  # 16 frames pooled 2x2 to 7x7, one newline
+    s.ids, s.labels = encode(proc, clip, len(s.feats), answer=True)
+    n = enc["input_ids"].shape[1]
+    assert s.ids[:n] == enc["input_ids"][0].tolist()
+    assert proc.tokenizer.convert_ids_to_tokens(s.ids[n:]) == [clip.answer, "</s>"]
+    assert [x for x in s.labels if x != -100] == s.ids[n:]
+    with torch.no_grad():
+        out, _, _ = batch_forward(model, proc, [s], -1)
+    torch.testing.assert_close(out.logits[0, :n], ref, rtol=1e-4, atol=1e-4)
+
+
+def test_mixed_frame_counts_batch_like_single_rows(converted, tmp_path):
+    """A Video-MME batch holding 16- and 32-frame videos (OneVision takes one frame count per call) gives the
+    same replies as one video at a time."""
+    from vtc.eval.videomme_data import load_videomme, write_shapes_video
+    from vtc.eval.videomme_runner import evaluate_videomme
+
+    model, proc = converted
+    recs = load_videomme(write_shapes_video(tmp_path / "sv", seed=7, per_cell=1))
+    recs = [r for r in recs if r.duration == "short"][:2] + [r for r in recs if r.duration == "medium"][:2]
+    kw = dict(frames=32, max_new_tokens=2, progress=False)
+    batched = evaluate_videomme(model, proc, recs, batch_size=4, **kw)["predictions"]
+    single = evaluate_videomme(model, proc, recs, batch_size=1, **kw)["predictions"]
+    assert [p["prediction"] for p in batched] == [p["prediction"] for p in single]
+    assert [p["question_id"] for p in batched] == [r.question_id for r in recs]
