@@ -67,7 +67,7 @@ def test_training_inputs_equal_the_models_own_forward(converted):
     assert proc.tokenizer.convert_ids_to_tokens(s.ids[n:]) == [clip.answer, "</s>"]
     assert [x for x in s.labels if x != -100] == s.ids[n:]
     with torch.no_grad():
-        out, _, _ = batch_forward(model, proc, [s], -1)
+        out = batch_forward(model, proc, [s], -1)[0]
     torch.testing.assert_close(out.logits[0, :n], ref, rtol=1e-4, atol=1e-4)
 
 
@@ -85,3 +85,40 @@ def test_mixed_frame_counts_batch_like_single_rows(converted, tmp_path):
     single = evaluate_videomme(model, proc, recs, batch_size=1, **kw)["predictions"]
     assert [p["prediction"] for p in batched] == [p["prediction"] for p in single]
     assert [p["question_id"] for p in batched] == [r.question_id for r in recs]
+
+
+def test_answer_attention_rows_equal_eager_attention(converted):
+    """The evidence loss's attention rows, computed from captured q/k under sdpa, equal eager attention's."""
+    from vtc.zoo.shapes_video import ShapesVideoGenerator as Gen
+    from vtc.zoo.train_video import AnswerAttention, Sample, batch_forward, encode, evidence_mask, video_features
+
+    model, proc = converted
+    gen, rows = Gen(4), []
+    for task, n in (("change", 8), ("count", 5)):  # two rows of different lengths: right padding
+        clip = gen.clip(task, "short")
+        s = Sample.__new__(Sample)
+        idx = list(range(n))
+        s.clip, s.feats = clip, video_features(model, proc, [clip.frames[t] for t in idx])
+        s.evidence = evidence_mask(clip, idx)
+        s.ids, s.labels = encode(proc, clip, len(s.feats), answer=True, content_first=True)
+        rows.append(s)
+    lm = model.model.language_model
+    cap = AnswerAttention(lm, (1, 2))
+    with torch.no_grad():
+        out, lab, evidence, am = batch_forward(model, proc, rows, -1)
+        pos = (lab != -100).float().argmax(1) - 1
+        got = cap.rows(pos, am)
+        cap.remove()
+        model.set_attn_implementation("eager")
+        try:
+            ref = batch_forward(model, proc, rows, -1, output_attentions=True)[0]
+        finally:
+            model.set_attn_implementation("sdpa")
+    b = torch.arange(len(rows))
+    want = torch.stack([ref.attentions[j][b, :, pos] for j in (1, 2)])
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert evidence.sum() == sum(int(s.evidence.sum()) for s in rows) > 0
+    with torch.no_grad():
+        batch_forward(model, proc, rows, -1)
+    assert cap.grab == {}  # removed: nothing captured any more
+

@@ -52,3 +52,4 @@ def test_video_example_runs_offline():
                           "--ratio", "0.25"], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert "frames used: 8" in out.stdout and "visual tokens: 784 -> 196 kept" in out.stdout
+    assert "options: A. left | B. right | C. up | D. down" in out.stdout  # asked as a Video-MME item
