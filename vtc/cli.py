@@ -47,8 +47,8 @@ def _records(args):
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", help="local checkpoint folder, or toy-llava / toy-qwen2-vl / toy-llava-next / "
-                   "toy-llava-onevision (default: the bundled toy LLaVA; for Video-MME the toy video model)")
+    p.add_argument("--model", help="local checkpoint folder, or toy-llava / toy-qwen2-vl / toy-llava-next "
+                   "(default: the bundled toy LLaVA; for Video-MME the default video model, see README)")
     p.add_argument("--data", help="MME: parquet file/folder or MME_Benchmark folder; Video-MME: records "
                    "(parquet/JSON) with data/<videoID>.mp4 (default: the ShapesMME / ShapesVideo test split)")
     p.add_argument("--per-category", type=int, default=40,

@@ -125,7 +125,7 @@ def _content(clip) -> str:
 
 def encode(proc, clip, n_video: int, answer: bool, video_text: str | None = None,
            content_first: bool = False) -> tuple[list[int], list[int]]:
-    """Prompt ids (chat template, video placeholders expanded) and labels (the answer letter + eos only).
+    """Prompt ids (chat template, video placeholders expanded) and labels (only the reply and eos are learnt).
 
     ``video_text``: words standing in for the video (the letter warm-up), instead of ``n_video`` placeholders.
     ``content_first``: the reply names the option's text, then its letter ("red B"; Video-MME's extraction takes
@@ -192,7 +192,7 @@ def batch_forward(model, proc, samples: list[Sample], layer: int, **kw):
 
 def _prompt_embeds(model, proc, samples: list[Sample]) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-padded prompt embeddings (the rows' ids up to the answer, video features scattered in) and mask."""
-    prompts = [s.ids[: s.labels.index(next(x for x in s.labels if x != -100))] for s in samples]
+    prompts = [s.ids[: next(i for i, x in enumerate(s.labels) if x != -100)] for s in samples]
     width, dev = max(len(p) for p in prompts), model.device
     ids = torch.full((len(samples), width), proc.tokenizer.pad_token_id, device=dev)
     am = torch.zeros(len(samples), width, dtype=torch.long, device=dev)
