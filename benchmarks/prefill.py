@@ -122,9 +122,8 @@ def main() -> None:
         inputs = {"pixel_values": torch.randn(args.batch, 3, 336, 336, device=args.device, dtype=dtype)}
     ids = torch.tensor([[1] + list(range(10, 45)) + [token] * n_visual + [50, 51, 52, 53]] * args.batch,
                        device=args.device)
-    sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
-
     cuda = args.device == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
 
     def run_once() -> tuple[float, float, float]:
         """Prefill seconds, the KV cache it leaves (MiB, summed over its tensors), peak extra GPU memory (MiB)."""

@@ -166,43 +166,40 @@ class Sample:
                                        video_text=correct if text_only else None, content_first=CONTENT_FIRST)
 
 
+def _embed_rows(model, proc, samples: list[Sample], rows: list[list[int]], left: bool = False):
+    """Pad token-id rows (on the right, or on the left for generation) and embed them with each sample's video
+    features scattered into its placeholders; returns (ids, attention mask, embeddings)."""
+    width, dev = max(len(r) for r in rows), model.device
+    ids = torch.full((len(rows), width), proc.tokenizer.pad_token_id, device=dev)
+    am = torch.zeros(len(rows), width, dtype=torch.long, device=dev)
+    for i, r in enumerate(rows):
+        span = slice(width - len(r), width) if left else slice(0, len(r))
+        ids[i, span] = torch.tensor(r)
+        am[i, span] = 1
+    embeds = model.get_input_embeddings()(ids)
+    feats = torch.cat([s.feats for s in samples]).to(embeds.dtype)
+    if len(feats):
+        embeds = embeds.masked_scatter((ids == model.config.video_token_id)[..., None], feats)
+    return ids, am, embeds
+
+
 def batch_forward(model, proc, samples: list[Sample], layer: int, **kw):
     """Right-padded rows with the video features scattered into their placeholders; returns (output, labels,
     evidence, attention mask) where evidence (rows, L) marks the video tokens of :func:`evidence_mask`."""
-    width = max(len(s.ids) for s in samples)
-    pad = proc.tokenizer.pad_token_id
-    dev = model.device
-    ids = torch.full((len(samples), width), pad, device=dev)
-    lab = torch.full((len(samples), width), -100, device=dev)
-    am = torch.zeros(len(samples), width, dtype=torch.long, device=dev)
+    ids, am, embeds = _embed_rows(model, proc, samples, [s.ids for s in samples])
+    lab = torch.full_like(ids, -100)
     for i, s in enumerate(samples):
-        ids[i, : len(s.ids)] = torch.tensor(s.ids)
         lab[i, : len(s.labels)] = torch.tensor(s.labels)
-        am[i, : len(s.ids)] = 1
-    embeds = model.get_input_embeddings()(ids)
-    mask = (ids == model.config.video_token_id)[..., None]
-    feats = torch.cat([s.feats for s in samples]).to(embeds.dtype)
-    if len(feats):
-        embeds = embeds.masked_scatter(mask, feats)
     out = model(inputs_embeds=embeds, attention_mask=am, labels=lab, output_hidden_states=layer >= 0, **kw)
     evidence = torch.zeros_like(ids, dtype=torch.bool)
-    evidence[mask[..., 0]] = torch.cat([s.evidence for s in samples]).to(dev)
+    evidence[ids == model.config.video_token_id] = torch.cat([s.evidence for s in samples]).to(ids.device)
     return out, lab, evidence, am
 
 
 def _prompt_embeds(model, proc, samples: list[Sample]) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-padded prompt embeddings (the rows' ids up to the answer, video features scattered in) and mask."""
     prompts = [s.ids[: next(i for i, x in enumerate(s.labels) if x != -100)] for s in samples]
-    width, dev = max(len(p) for p in prompts), model.device
-    ids = torch.full((len(samples), width), proc.tokenizer.pad_token_id, device=dev)
-    am = torch.zeros(len(samples), width, dtype=torch.long, device=dev)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p):] = torch.tensor(p)
-        am[i, width - len(p):] = 1
-    embeds = model.get_input_embeddings()(ids)
-    feats = torch.cat([s.feats for s in samples]).to(embeds.dtype)
-    if len(feats):
-        embeds = embeds.masked_scatter((ids == model.config.video_token_id)[..., None], feats)
+    _, am, embeds = _embed_rows(model, proc, samples, prompts, left=True)
     return embeds, am
 
 
@@ -294,7 +291,6 @@ def train(model, proc, minutes: float, batch: int, lr: float, aux: float, log, v
     params = list(lm.parameters()) + list(head.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     best = (-1.0, None)
-    answer_attention = AnswerAttention(lm, tuple(range(1, lm.config.num_hidden_layers)))  # all but the first
     model.train()
     with tempfile.TemporaryDirectory() as folder:
         phases = [("letters", warmup_minutes, warmup_batch, True), ("video", minutes, batch, False)]
@@ -304,20 +300,21 @@ def train(model, proc, minutes: float, batch: int, lr: float, aux: float, log, v
             if text_only:
                 tgen, trng = ShapesVideoGenerator(VAL_SEED + 1), random.Random(VAL_SEED + 1)
                 text_val = [Sample(model, proc, tgen, folder, trng, text_only=True) for _ in range(200)]
+            # q/k of all layers but the first are captured only in the phase whose loss reads them
+            capture = AnswerAttention(lm, tuple(range(1, lm.config.num_hidden_layers))) \
+                if attend > 0 and not text_only else None
             step, t0 = 0, time.time()
             while time.time() - t0 < phase_minutes * 60:
                 samples = [Sample(model, proc, gen, folder, rng, text_only) for _ in range(phase_batch)]
                 for g in opt.param_groups:
                     g["lr"] = _lr(step, (time.time() - t0) / (phase_minutes * 60), lr)
-                supervise = attend > 0 and not text_only
                 out, lab, evidence, am = batch_forward(model, proc, samples, layer)
                 loss = out.loss
-                if supervise:
-                    pos = (lab != -100).float().argmax(1) - 1
-                    att_loss = evidence_loss(answer_attention.rows(pos, am), evidence)
+                pos = (lab != -100).float().argmax(1) - 1  # the position that predicts the reply's first token
+                if capture is not None:
+                    att_loss = evidence_loss(capture.rows(pos, am), evidence)
                     loss = loss + attend * att_loss
                 if aux > 0:
-                    pos = (lab != -100).float().argmax(1) - 1
                     h = out.hidden_states[layer][torch.arange(len(samples)), pos]
                     target = torch.tensor([s.content for s in samples], device=model.device)
                     aux_loss = F.cross_entropy(head(h), target)
@@ -329,15 +326,16 @@ def train(model, proc, minutes: float, batch: int, lr: float, aux: float, log, v
                 if step % 25 == 0:
                     log(f"{name} step {step} loss {out.loss.item():.4f}"
                         + (f" aux {aux_loss.item():.3f}" if aux > 0 else "")
-                        + (f" attend {att_loss.item():.3f}" if supervise else "") + f" ({time.time() - t0:.0f}s)")
+                        + (f" attend {att_loss.item():.3f}" if capture is not None else "") + f" ({time.time() - t0:.0f}s)")
                 if val_every and step and step % val_every == 0:
                     acc = accuracy(model, proc, text_val if text_only else val)
                     log(f"{name} step {step} val {json.dumps({k: round(v, 3) for k, v in acc.items()})}")
                     if not text_only and acc["overall"] > best[0]:
                         best = (acc["overall"], {k: v.detach().clone() for k, v in lm.state_dict().items()})
                 step += 1
+            if capture is not None:
+                capture.remove()
             log(f"{name}: {step} steps")
-    answer_attention.remove()
     acc = accuracy(model, proc, val)["overall"]
     log(f"final val {acc:.3f}")
     if best[1] is not None and best[0] > acc:
@@ -398,8 +396,8 @@ def main() -> None:
     proc.save_pretrained(out)
     (out / "training.json").write_text(json.dumps({
         "from_llava": None if args.init else args.from_llava, "init": args.init, "minutes": args.minutes,
-        "batch": args.batch, "warmup_minutes": args.warmup_minutes, "lr": args.lr, "aux": args.aux, "attend": args.attend, "seed": args.seed,
-        "train_seed": TRAIN_SEED + args.seed,
+        "batch": args.batch, "warmup_minutes": args.warmup_minutes, "lr": args.lr, "aux": args.aux,
+        "attend": args.attend, "seed": args.seed, "train_seed": TRAIN_SEED + args.seed,
         "val_seed": VAL_SEED, "val_clips": args.val, "val_letter_accuracy": acc, "frames": FRAMES,
         "threads": args.threads, "post_prompt": POST_PROMPT,
     }, indent=2))
