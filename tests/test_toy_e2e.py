@@ -78,9 +78,10 @@ def test_toy_qwen_is_well_over_chance(subset):
     if not (TOY_QWEN / "config.json").exists():
         pytest.skip("no toy Qwen2-VL checkpoint bundled")
     model, proc = load_model(TOY_QWEN)
-    res = evaluate_mme(model, proc, subset, method="cls", ratio=0.5, progress=False)
+    # uniform, not cls: on this toy's tower attention received favours background (README, toy Qwen2-VL)
+    res = evaluate_mme(model, proc, subset, method="uniform", ratio=0.5, progress=False)
     assert res["compression"]["visual_tokens_after"] == 98
-    assert res["scores"]["question_accuracy"] >= 0.62  # chance is 0.5; the bundled checkpoint gets 0.667 here
+    assert res["scores"]["question_accuracy"] >= 0.62  # chance is 0.5; the bundled checkpoint gets 0.717 here
 
 
 @pytest.mark.slow

@@ -125,7 +125,7 @@ def test_checkpoint_of_another_family_is_a_clear_error(tmp_path, monkeypatch, fl
         train_toy.main()
 
 
-@pytest.mark.parametrize("family", ["llava", "llava-next"])
+@pytest.mark.parametrize("family", ["llava", "llava-next", "qwen2-vl"])
 def test_frozen_tower_forward_equals_the_models_own(family, tmp_path):
     import random
 
@@ -134,7 +134,7 @@ def test_frozen_tower_forward_equals_the_models_own(family, tmp_path):
 
     torch.manual_seed(0)
     fam = train_toy.Family(family)
-    if family == "llava":
+    if family in ("llava", "qwen2-vl"):
         model = fam.new_model().eval()
     else:  # AnyRes over a 224-px canvas: 14x14 thumbnail + 28 rows of (28 crop tokens + a newline)
         assert fam.n_image == 14 * 14 + 28 * 29 and fam.canvas == 224
@@ -202,3 +202,15 @@ def test_category_weights_flag_parses_and_rejects_bad_text():
     for bad in ("color", "color=x", "color=-1"):
         with pytest.raises(ValueError, match="CATEGORY=NUMBER"):
             parse_weights(bad)
+
+
+def test_word_spread_loss_on_hand_computed_pairs():
+    from vtc.zoo.summary_aux import word_spread_loss
+
+    # three words: 0 and 1 at cosine 0.6, 2 orthogonal to both; 3 is not asked about
+    emb = torch.tensor([[1.0, 0.0, 0.0], [0.6, 0.8, 0.0], [0.0, 0.0, 2.0], [1.0, 0.0, 0.0]], requires_grad=True)
+    loss = word_spread_loss(emb, [0, 1, 2], max_cos=0.2)
+    assert torch.allclose(loss, torch.tensor((0.6 - 0.2) ** 2 / 3))  # one pair over the margin, three pairs
+    loss.backward()
+    assert emb.grad[2].abs().sum() == 0 and emb.grad[3].abs().sum() == 0 and emb.grad[0].abs().sum() > 0
+    assert word_spread_loss(emb, [0, 2]).item() == 0.0

@@ -134,3 +134,14 @@ def word_alignment_loss(feats: torch.Tensor, labels: torch.Tensor, embedding: to
     ``train_toy.align_projector``), the same LM learns them to 100% in 400 steps; with the embeddings as
     oracle visual tokens it learns them too, so what the LM needed was visual tokens in the word space."""
     return F.mse_loss(feats, word_target(labels, embedding, word_ids, x_words))
+
+
+def word_spread_loss(embedding: torch.Tensor, ids: list[int], max_cos: float = 0.2) -> torch.Tensor:
+    """Mean of relu(cos - ``max_cos``)^2 over the pairs of the words ``ids`` (e.g. the colour words): pushes apart
+    word embeddings that training let collapse onto one shared direction. In the toy LLaVA the colour words
+    ended at cosine 0.6-0.8 with each other (shapes 0.3-0.4), so the colour a question names, and the colour
+    aligned visual tokens carry, differed only in a small residual."""
+    e = F.normalize(embedding[ids], dim=-1)
+    cos = e @ e.T
+    pairs = torch.triu(torch.ones_like(cos, dtype=torch.bool), diagonal=1)
+    return F.relu(cos[pairs] - max_cos).pow(2).mean()

@@ -6,7 +6,7 @@ Why OneVision and why from the toy LLaVA: the toy LLaVA's CLIP tower, projector 
 shapes and colours (ShapesMME 80.0 %); OneVision's video path runs that tower per frame and pools each frame's
 14x14 tokens 2x2 to 7x7, so a 32-frame clip is 32 x 49 + 1 = 1,569 visual tokens (one newline per video), the
 shape of a real OneVision video at a toy scale, and its CLS token keeps ``cls`` available per frame. The toy
-Qwen2-VL (59.8 % on ShapesMME) would start from a weaker model.
+Qwen2-VL (64.2 % on ShapesMME, shapes at chance) would start from a weaker model.
 
 Training sees what evaluation sees: each ShapesVideo training clip is encoded to H.264 and decoded with decord
 (``load_video``, 32 frames uniformly, all 16 of a short clip), the lmms-eval Video-MME prompt with question and
