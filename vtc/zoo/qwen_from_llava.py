@@ -8,7 +8,8 @@ models give the same logits. The Qwen tower (patch 4, 2x2 merge: one merged toke
 cell of one LLaVA patch) is then regressed onto the LLaVA projector's outputs for the same images
 (:func:`distill_tower`), and a short VQA stage adapts the LM to M-RoPE's image positions.
 
-Measured (2 CPU cores; first-token accuracy on 120 validation questions): the LLaVA answers 88 %; the Qwen copy
+Measured for the bundled toy Qwen2-VL, built from the 81.8 % toy LLaVA (2 CPU cores; first-token accuracy on 120
+validation questions): the LLaVA answers 88 %; the Qwen copy
 fed the LLaVA's own visual tokens 88 % in the LLaVA's token layout and 77 % in Qwen's (the two
 ``<|vision_start|>``/``<|vision_end|>`` markers; any embedding for them gives 76-77 %), before fine-tuning. After
 300 distillation steps the tower's tokens match on background cells (relative error 0.03) but not on cells that

@@ -3,8 +3,8 @@
     python -m vtc.zoo.train_video --out vtc/zoo/checkpoints/toy-llava-onevision
 
 Why OneVision and why from the toy LLaVA: the toy LLaVA's CLIP tower, projector and LM already see and name the
-shapes and colours (ShapesMME 80.0 %); OneVision's video path runs that tower per frame and pools each frame's
-14x14 tokens 2x2 to 7x7, so a 32-frame clip is 32 x 49 + 1 = 1,569 visual tokens (one newline per video), the
+shapes and colours (the bundled one: ShapesMME 85.75 %); OneVision's video path runs that tower per frame and
+pools each frame's 14x14 tokens 2x2 to 7x7, so a 32-frame clip is 32 x 49 + 1 = 1,569 visual tokens (one newline per video), the
 shape of a real OneVision video at a toy scale, and its CLS token keeps ``cls`` available per frame. The toy
 Qwen2-VL (64.2 % on ShapesMME, shapes at chance) would start from a weaker model.
 
@@ -33,10 +33,11 @@ the object there) from them is not, in this budget. A probe of the frozen featur
 "change" clips, for the toy LLaVA the attention-loss run started from (80.0 % on ShapesMME), the evidence tokens'
 nearest colour word (dot product with the LM's colour embeddings, averaged over the tokens) is right for 12 %
 (chance 17 %), the nearest shape word for 96 %, and a linear probe on the mean evidence token finds the colour for
-75 % of 40 held-out clips; for the bundled toy LLaVA (81.8 %): 8 %, 75 % and 88 %. Before pooling and on raw (not
+75 % of 40 held-out clips; for the 81.8 % toy LLaVA: 8 %, 75 % and 88 %. Before pooling and on raw (not
 H.264) frames through the image path the colour word is right for 12 % too. So colour is in the features but no
-longer along the colour words the projector was aligned to. Next: re-align the projector's colour component (or
-train the projector in the video phase), then the video phase.
+longer along the colour words the projector was aligned to, and those words' embeddings had collapsed onto one
+direction. The toy LLaVA bundled since (85.75 %) spreads them apart (``train_toy --spread``); the video phase has
+not been re-run from it yet.
 
 Seeds: train 4000+, validation 5000, test 3000 (the CLI's ShapesVideo test split; never used here).
 """
