@@ -9,13 +9,13 @@ copy: on text the two models give the same logits. The Qwen tower (patch 4, 2x2 
 images (:func:`distill_tower`), and a short VQA stage adapts the LM to M-RoPE's image positions.
 
 Measured for the bundled toy Qwen2-VL, built from the 81.8 % toy LLaVA (2 CPU cores; first-token accuracy on 120
-validation questions): the LLaVA answers 88 %; the Qwen copy fed the LLaVA's own visual tokens 88 % in the
-LLaVA's token layout and 77 % in Qwen's (the two ``<|vision_start|>``/``<|vision_end|>`` markers; any embedding
-for them gives 76-77 %), before fine-tuning. After
-300 distillation steps the tower's tokens match on background cells (relative error 0.03) but not on cells that
-show an object (0.58), and they give 64 % in the LLaVA layout. Fine-tuned (15 + 20 min), the bundled model: 64.2 %
-of the ShapesMME test split, colour 100 %, existence and position at chance: colour is a pixel statistic the
-tower learns at once; shapes and digits apparently need more than 300 regression steps on 4-px patches.
+validation questions): the LLaVA answers 88 %; the Qwen copy fed the LLaVA's own visual tokens 88 % in the LLaVA's
+token layout and 77 % in Qwen's (the two ``<|vision_start|>``/``<|vision_end|>`` markers; any embedding for them
+gives 76-77 %), before fine-tuning. After 300 distillation steps the tower's tokens match on background cells
+(relative error 0.03) but not on cells that show an object (0.58), and they give 64 % in the LLaVA layout. Fine-
+tuned (15 + 20 min), the bundled model: 64.2 % of the ShapesMME test split, colour 100 %, existence and position at
+chance: colour is a pixel statistic the tower learns at once; shapes and digits apparently need more than 300
+regression steps on 4-px patches.
 """
 from __future__ import annotations
 
@@ -36,7 +36,8 @@ def qwen_from_llava(fam, path: str | Path, tower_from: str | Path | None = None)
 
     from .train_toy import Family, blank_visual_token, toy_qwen_config
 
-    llava = Family("llava").load(path)
+    llava_fam = Family("llava")
+    llava = llava_fam.load(path)
     if llava.config.model_type != "llava":
         raise ValueError(f"{path}: a {type(llava).__name__}, not a toy LLaVA")
     text = llava.config.text_config
@@ -47,8 +48,8 @@ def qwen_from_llava(fam, path: str | Path, tower_from: str | Path | None = None)
     src = {k: v for k, v in llava.state_dict().items() if k.startswith("model.language_model.")}
     emb = src.pop("model.language_model.embed_tokens.weight")
     n_shared = emb.shape[0]
-    if fam.tok.convert_ids_to_tokens(list(range(n_shared))) != Family("llava").tok.convert_ids_to_tokens(
-            list(range(n_shared))):
+    shared = list(range(n_shared))
+    if fam.tok.convert_ids_to_tokens(shared) != llava_fam.tok.convert_ids_to_tokens(shared):
         raise ValueError("the toy Qwen tokenizer no longer extends the toy LLaVA's: embeddings can't be copied")
     result = model.load_state_dict(src, strict=False)
     lm_missing = [k for k in result.missing_keys if k.startswith("model.language_model.")]

@@ -471,7 +471,7 @@ def forward_frozen_tower(model, fam: Family, inputs: dict, image_of_row: torch.T
     if fam.name == "qwen2-vl":  # the tower on each distinct image's patches, its merged tokens repeated per row
         from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-        grid = inputs["image_grid_thw"]
+        grid = inputs["image_grid_thw"]  # every toy image has the same grid, so the patches split evenly
         pix = inputs["pixel_values"].view(len(grid), -1, inputs["pixel_values"].shape[-1])[first]
         merged = model.model.get_image_features(pix.flatten(0, 1), grid[first], return_dict=True).pooler_output
         merged = torch.stack(list(merged))
@@ -532,6 +532,7 @@ def language_stage(model, fam: Family, minutes: float, batch: int, log, name: st
     rng = random.Random(seed)
     proc = fam.proc
     word_ids, x_words = _word_ids(fam.tok), _x_words(fam.tok)
+    colours = fam.tok.convert_tokens_to_ids(list(COLORS))  # for the spread loss
     projector = set(fam.projector(model).parameters())  # always trained (Qwen's merger sits inside the tower)
     vision = [p for p in fam.vision_module(model).parameters() if p not in projector]
     for p in vision:
@@ -579,7 +580,6 @@ def language_stage(model, fam: Family, minutes: float, batch: int, log, name: st
                     feats, plabels[:, ALIGN_ROWS], model.get_input_embeddings().weight, word_ids, x_words)
             loss = loss + aux * aux_loss
         if spread > 0:
-            colours = fam.tok.convert_tokens_to_ids(list(COLORS))
             loss = loss + spread * word_spread_loss(model.get_input_embeddings().weight, colours)
         opt.zero_grad()
         loss.backward()
@@ -717,6 +717,7 @@ def main() -> None:
     proc = fam.proc
     if args.resume and args.init:
         raise ValueError("give --resume (a stage-1 tower) or --init (a whole checkpoint), not both")
+    teacher = None  # the toy LLaVA a Qwen tower is distilled onto (qwen2-vl --from-llava)
     if args.family == "llava-next":
         if not args.from_llava or args.aux != 0 or args.start_stage != 3:
             raise ValueError("--family llava-next fine-tunes a toy LLaVA on AnyRes views: pass --from-llava PATH "
@@ -747,7 +748,7 @@ def main() -> None:
     if args.start_stage <= 1:
         stage1(model, fam, args.stage1_minutes, 64, log)
         model.save_pretrained(out / "stage1")
-    if args.start_stage <= 2 and args.stage2_steps > 0 and args.family == "qwen2-vl" and args.from_llava:
+    if args.start_stage <= 2 and args.stage2_steps > 0 and teacher is not None:
         distill_tower(model, teacher, fam, args.stage2_steps, 16, log)  # 16 images: ~2 s a step on 2 cores
         model.save_pretrained(out / "stage2")
     elif args.start_stage <= 2 and args.stage2_steps > 0:

@@ -3,10 +3,10 @@
     python -m vtc.zoo.train_video --out vtc/zoo/checkpoints/toy-llava-onevision
 
 Why OneVision and why from the toy LLaVA: the toy LLaVA's CLIP tower, projector and LM already see and name the
-shapes and colours (the bundled one: ShapesMME 85.75 %); OneVision's video path runs that tower per frame and
-pools each frame's 14x14 tokens 2x2 to 7x7, so a 32-frame clip is 32 x 49 + 1 = 1,569 visual tokens (one newline per video), the
-shape of a real OneVision video at a toy scale, and its CLS token keeps ``cls`` available per frame. The toy
-Qwen2-VL (64.2 % on ShapesMME, shapes at chance) would start from a weaker model.
+shapes and colours (the bundled one: ShapesMME 85.75 %); OneVision's video path runs that tower per frame and pools
+each frame's 14x14 tokens 2x2 to 7x7, so a 32-frame clip is 32 x 49 + 1 = 1,569 visual tokens (one newline per
+video), the shape of a real OneVision video at a toy scale, and its CLS token keeps ``cls`` available per frame. The
+toy Qwen2-VL (64.2 % on ShapesMME, shapes at chance) would start from a weaker model.
 
 Training sees what evaluation sees: each ShapesVideo training clip is encoded to H.264 and decoded with decord
 (``load_video``, 32 frames uniformly, all 16 of a short clip), the lmms-eval Video-MME prompt with question and
