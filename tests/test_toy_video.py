@@ -122,3 +122,53 @@ def test_answer_attention_rows_equal_eager_attention(converted):
         batch_forward(model, proc, rows, -1)
     assert cap.grab == {}  # removed: nothing captured any more
 
+
+
+def test_cell_targets_hand_computed(converted):
+    """One red circle with box (16, 16, 40, 40) on a 112-px frame, 7x7 cells of 16 px: it covers cells (1, 1)
+    fully and (1, 2), (2, 1), (2, 2) by half or a quarter (> 20 %), its centre (28, 28) is in (1, 1)."""
+    import numpy as np
+
+    from vtc.zoo.shapes import Obj
+    from vtc.zoo.shapes_video import Clip
+    from vtc.zoo.train_video import cell_targets
+
+    model, proc = converted
+    tok, emb = proc.tokenizer, model.get_input_embeddings().weight
+    w = {x: emb[tok.convert_tokens_to_ids(x)] for x in ("empty", "object", "red", "circle", "left", "right", "up", "down")}
+    for x in ("left", "right", "up", "down"):
+        w[x] = w[x] * 0.75 / w[x].norm()
+    clip = Clip([np.zeros((112, 112, 3), np.uint8)], "change", "short", "", [], "A",
+                layouts=[[Obj("circle", "red", "large", (16, 16, 40, 40))]])
+    got = cell_targets(clip, [0], emb, tok)
+    assert got.shape == (49 + 1, emb.shape[1])
+
+    def code(r, c):
+        return (1 - c / 6) * w["left"] + c / 6 * w["right"] + (1 - r / 6) * w["up"] + r / 6 * w["down"]
+
+    obj = w["red"] + w["circle"] + w["empty"]
+    for r in range(7):
+        for c in range(7):
+            if (r, c) == (1, 1):
+                want = obj + w["object"]
+            elif (r, c) in ((1, 2), (2, 1), (2, 2)):
+                want = obj + w["empty"]
+            else:
+                want = 3 * w["empty"]
+            torch.testing.assert_close(got[r * 7 + c], (want + code(r, c)).detach())
+    torch.testing.assert_close(got[-1], (4 * w["empty"]).detach())
+
+
+def test_option_positions_and_layouts(converted):
+    from vtc.zoo.train_video import encode, option_positions
+
+    _, proc = converted
+    clip = ShapesVideoGenerator(3).clip("order", "short")
+    assert len(clip.layouts) == len(clip.frames) == 16
+    assert [len(objs) for objs in clip.layouts] == [sum(t >= (k + 1) * 16 // 5 for k in range(4)) for t in range(16)]
+    ids, _ = encode(proc, clip, 3, answer=True)
+    toks = proc.tokenizer.convert_ids_to_tokens(ids)
+    assert toks.index("<video>") < toks.index("which")  # the video comes first, then the question
+    pos = option_positions(ids, proc.tokenizer)
+    assert [toks[p] for p in pos] == [o.split()[-1] for o in clip.options]
+    assert [toks[p - 3] for p in pos] == list("ABCD")  # "A . yellow triangle": two words after "A ."

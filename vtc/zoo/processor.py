@@ -111,10 +111,8 @@ def build_qwen_processor(image_size: int, patch_size: int = 4, merge_size: int =
 
 VIDEO_TOKEN = "<video>"
 LETTERS = "ABCD"  # answer letters for Video-MME-style questions (the word-level vocabulary is lower-cased)
-OV_CHAT_TEMPLATE = CHAT_TEMPLATE.replace(  # question first, then the image or video
-    "{% if c['type'] == 'image' %} <image>{% endif %}",
-    "{% if c['type'] == 'image' %} <image>{% elif c['type'] == 'video' %} <video>{% endif %}",
-)
+OV_CHAT_TEMPLATE = CHAT_TEMPLATE.replace(  # a video first (as OneVision prompts it), an image after the question
+    "USER: ", "USER:{% for c in message['content'] %}{% if c['type'] == 'video' %} <video>{% endif %}{% endfor %} ")
 
 
 def build_llava_onevision_processor(crop: int, patch_size: int, pinpoints: list[list[int]]):

@@ -37,6 +37,7 @@ class Clip:
     options: list[str]  # ["A. ...", "B. ...", ...]
     answer: str  # a letter
     key_frames: list[int] = field(default_factory=list)  # the frames that show what the answer is read from
+    layouts: list[list[Obj]] = field(default_factory=list)  # the objects drawn in each frame
 
 
 class ShapesVideoGenerator:
@@ -53,6 +54,7 @@ class ShapesVideoGenerator:
         return Obj(shape, color, "large", (int(x), int(y), int(x) + s, int(y) + s))
 
     def _render(self, objs: list[Obj], bg: tuple[int, int, int]) -> np.ndarray:
+        self._layouts.append(list(objs))
         img = Image.new("RGB", (self.side, self.side), bg)
         d = ImageDraw.Draw(img)
         for o in objs:
@@ -79,6 +81,7 @@ class ShapesVideoGenerator:
         if duration not in DURATIONS:
             raise ValueError(f"unknown duration {duration!r}; allowed: {list(DURATIONS)}")
         rng, n, side = self.rng, DURATIONS[duration], self.side
+        self._layouts: list[list[Obj]] = []
         bg = tuple(rng.randint(235, 255) for _ in range(3))
         s = rng.randint(*self.size)
         names = [(c, sh) for c in COLORS for sh in SHAPES]
@@ -133,4 +136,4 @@ class ShapesVideoGenerator:
             key = list(range(n // 2, n))
             q = f"What color does the {shape} change to?"
             options, answer = self._options(c1, list(COLORS))
-        return Clip(frames, task, duration, q, options, answer, key)
+        return Clip(frames, task, duration, q, options, answer, key, self._layouts)

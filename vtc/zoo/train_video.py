@@ -9,36 +9,37 @@ video), the shape of a real OneVision video at a toy scale, and its CLS token ke
 toy Qwen2-VL (64.2 % on ShapesMME, shapes at chance) would start from a weaker model.
 
 Training sees what evaluation sees: each ShapesVideo training clip is encoded to H.264 and decoded with decord
-(``load_video``, 32 frames uniformly, all 16 of a short clip), the lmms-eval Video-MME prompt with question and
-options before the video (the toy chat template). The tower and projector are frozen (features computed once
-per clip); the LM is trained, in two phases:
+(``load_video``, ``--frames`` uniformly: 8 by default, to keep rows short on a CPU; evaluation samples 32), the
+lmms-eval Video-MME prompt with question and options after the video (OneVision's order; the toy OneVision chat
+template puts a video first). The tower is frozen (features computed once per clip); the LM and the projector
+are trained, in two phases:
 
 - letters (text only, ~70-token rows): the correct option's words stand in for the video, so the LM learns to
-  find the option that holds them and name its letter. With the letter alone as the reply this lookup sat at
-  chance for 450 steps; replying with the option's words first and then its letter ("red B": the words are
-  lower case in this tokenizer, so Video-MME's rule, the first capital A-D, reads the letter) made it a
-  two-step copy the LM learns within ~1,000 steps.
-- video: clips; a training-only linear head on the answer position (layer 2 of 3) predicts the answer's
-  content class (a direction, colour, number or object), and an evidence-attention loss (``--attend``) pushes
-  the answer position's attention in layers 2-3 onto the pooled tokens that show an object in the clip's key
-  frames (``Clip.key_frames``), computed from captured q/k under sdpa (:class:`AnswerAttention`).
+  find the option that holds them and name its letter; the reply names the option's words, then its letter
+  ("red B": the words are lower case in this tokenizer, so Video-MME's rule, the first capital A-D, reads the
+  letter).
+- video: clips, with three training-only signals besides the reply: option probes (:func:`option_probe_loss`:
+  a linear probe per layer at each option's last token predicts which option is the answer; with the video
+  first, an option's tokens can look at it), a linear head on the answer position that predicts the answer's
+  content class, and the projected video tokens regressed onto :func:`cell_targets` (the word embeddings of
+  what each pooled cell shows, plus its column and row), as the image stage aligns its visual tokens.
 
-Status: **no toy video model reaches accuracy yet, so none is bundled.** Measured on 96 validation clips (2 CPU
-cores): the letter warm-up works (92 % on text rows after 1,600 steps, 9 minutes); the video phase does not.
-Without the attention loss, 300 video steps (8 clips each) stayed at chance (24-31 %); with it, the answer position
-put ~85 % of its attention on the evidence tokens within 250 steps (loss 0.17), yet validation stayed at or below
-chance (11 / 25 / 9 % at steps 100 / 200 / 300; "change" at 0 % at step 300) and the training loss was flat after
-~175 steps. So looking at the right tokens is learnt; reading the asked attribute (the colour, not the shape, of
-the object there) from them is not, in this budget. A probe of the frozen features explains part of it. On 24
-"change" clips, for the toy LLaVA the attention-loss run started from (80.0 % on ShapesMME), the evidence tokens'
-nearest colour word (dot product with the LM's colour embeddings, averaged over the tokens) is right for 12 %
-(chance 17 %), the nearest shape word for 96 %, and a linear probe on the mean evidence token finds the colour for
-75 % of 40 held-out clips; for the 81.8 % toy LLaVA: 8 %, 75 % and 88 %. Before pooling and on raw (not
-H.264) frames through the image path the colour word is right for 12 % too. So colour is in the features but no
-longer along the colour words the projector was aligned to, and those words' embeddings had collapsed onto one
-direction. The toy LLaVA bundled since (85.75 %) spreads them apart (``train_toy --spread``); a run from it (letters 9
-min: 91 % on text rows at step 800; then video) stayed at chance too: 24 / 19 % at video steps 100 / 200. So the
-colour words were not what blocked the video phase.
+Status: **no toy video model reaches the 70 % we aim for yet, so none is bundled.** What we measured (96
+validation clips, 8 frames, 2 CPU cores):
+
+- With the question before the video (the previous recipe: letters, then video with the content head and an
+  evidence-attention loss, or without it), the video phase stayed at chance in every run (9-31 %, 300-400 video
+  steps of 8 clips), from toy LLaVAs at 80.0, 81.8 and 85.75 % on ShapesMME. Even *oracle* visual tokens (the
+  exact :func:`cell_targets` in place of the features) stayed at chance for 500 steps of 16 clips, in either
+  order, without probes: the LM's reading, not the tower's features, was the block.
+- With the video first and the option probes, oracle tokens broke the plateau at ~650 steps (probe loss 2.7 ->
+  1.6 by step 825); the letter warm-up (text rows) reached 99.5 % at step 400 and 100 % at 600, against 92 %
+  after 1,600 steps before.
+- The recipe above (a prototype of this code on raw, not H.264, frames: letters 8 min, then 30 min of video,
+  projector lr 1e-3, align 10, ~1,200 video steps of 16 clips): validation 30 / 36.5 / 42.7 / 45.8 % at video
+  steps 400 / 600 / 800 / the end (change 48 / 65 / 96 / 100 %; at the end count 46 %, motion 25 %, order 12 %)
+  -- the first run above chance. "What changed" is learnt; motion and order, which need *when* (early vs late
+  frames), are not yet: the next thing to work on.
 
 Seeds: train 4000+, validation 5000, test 3000 (the CLI's ShapesVideo test split; never used here).
 """
@@ -63,7 +64,8 @@ from .shapes_video import DIRECTIONS, DURATIONS, FPS, TASKS, ShapesVideoGenerato
 from .train_toy import IMAGE_SIZE, NEXT_PINPOINTS, PATCH, _lr, from_toy_llava, run_log
 
 TRAIN_SEED, VAL_SEED = 4000, 5000
-FRAMES = 32
+FRAMES = 32  # Video-MME's default, what the evaluation samples
+TRAIN_FRAMES = 8  # what training samples by default (rows 4x shorter)
 CONTENT_FIRST = True
 # every option text ShapesVideo uses: the auxiliary head's classes
 CONTENTS = list(DIRECTIONS) + list(COLORS) + list(NUMBERS[1:6]) + [f"{c} {s}" for c in COLORS for s in SHAPES]
@@ -111,6 +113,67 @@ def evidence_mask(clip, idx: list[int], cell: int = 2 * PATCH) -> torch.Tensor:
     return torch.cat(out + [torch.zeros(1, dtype=torch.bool)])
 
 
+def cell_targets(clip, idx: list[int], embedding: torch.Tensor, tok, grid: int = 7) -> torch.Tensor:
+    """(len(idx) * grid^2 + 1, hidden): what each pooled video token should look like (detached), the video
+    analogue of the image stage's :func:`summary_aux.word_target`: per cell of each sampled frame the sum of the
+    word embeddings of what it shows (colour, shape, 'empty' for the digit slot, 'object' on the cell holding an
+    object's centre; 'empty' for each on background) plus the cell's column and row as linear codes between
+    'left' / 'right' and 'up' / 'down' (each code word scaled to norm 0.75, near the trained words'); the newline's
+    target is four 'empty'. A cell shows an object when its bounding box covers over 20 % of the cell."""
+    w = {x: embedding[tok.convert_tokens_to_ids(x)].detach() for x in ("empty", "object", "left", "right", "up", "down",
+                                                                       *COLORS, *SHAPES)}
+    for x in ("left", "right", "up", "down"):
+        w[x] = w[x] * (0.75 / w[x].norm())
+    side = clip.frames[0].shape[0]
+    cell, n = side / grid, grid * grid
+    gx = (torch.arange(n) % grid).float() / (grid - 1)
+    gy = (torch.arange(n) // grid).float() / (grid - 1)
+    code = (1 - gx)[:, None] * w["left"] + gx[:, None] * w["right"] + (1 - gy)[:, None] * w["up"] + gy[:, None] * w["down"]
+    out = []
+    for t in idx:
+        f = (3 * w["empty"]).repeat(n, 1)
+        for o in clip.layouts[t]:
+            x0, y0, x1, y1 = o.box
+            centre = (min(int(o.cy // cell), grid - 1), min(int(o.cx // cell), grid - 1))
+            for r in range(grid):
+                for c in range(grid):
+                    cover = max(0.0, min(x1, (c + 1) * cell) - max(x0, c * cell)) * \
+                        max(0.0, min(y1, (r + 1) * cell) - max(y0, r * cell))
+                    if cover > 0.2 * cell * cell:
+                        f[r * grid + c] = w[o.color] + w[o.shape] + w["empty"] + \
+                            (w["object"] if (r, c) == centre else w["empty"])
+        out.append(f + code)
+    return torch.cat(out + [4 * w["empty"][None]])
+
+
+def option_positions(ids: list[int], tok) -> list[int]:
+    """The position of each option's last token ("A. red circle" -> 'circle') in a Video-MME prompt: where the
+    training-only option probes read whether that option is the answer."""
+    letters, dot = set(tok.convert_tokens_to_ids(list(LETTERS))), tok.convert_tokens_to_ids(".")
+    starts = [i for i in range(len(ids) - 1) if ids[i] in letters and ids[i + 1] == dot]
+    end = tok.convert_tokens_to_ids("answer")  # the post-prompt ("Answer with the option's letter ...")
+    ends = starts[1:] + [next(i for i in range(starts[-1], len(ids)) if ids[i] == end)]
+    if len(starts) != len(LETTERS):
+        raise ValueError(f"expected {len(LETTERS)} options in the prompt, found {len(starts)}")
+    return [e - 1 for e in ends]
+
+
+def tower_features(model, proc, frames) -> torch.Tensor:
+    """(n, patches, width): the frozen tower's feature-layer patch tokens for each frame (what the projector reads)."""
+    pv = proc.video_processor([list(frames)], return_tensors="pt")["pixel_values_videos"].to(model.device)
+    with torch.no_grad():
+        hs = model.model.vision_tower(pv.flatten(0, 1), output_hidden_states=True).hidden_states
+    return hs[model.config.vision_feature_layer][:, 1:]
+
+
+def project(model, tower: torch.Tensor) -> torch.Tensor:
+    """(n * 49 + 1, hidden): projector, OneVision's 2x2 pooling and the newline, as ``get_video_features`` does
+    (differentiable in the projector)."""
+    m = model.model
+    f = m.apply_pooling(m.multi_modal_projector(tower))
+    return torch.cat([f.flatten(0, 1), m.image_newline[None].to(f.dtype)])
+
+
 @torch.no_grad()
 def video_features(model, proc, frames) -> torch.Tensor:
     """(n * 49 + 1, D): the model's own video features (tower, projector, 2x2 pooling, newline) for one clip."""
@@ -150,23 +213,37 @@ def encode(proc, clip, n_video: int, answer: bool, video_text: str | None = None
 class Sample:
     """One training / validation row: a clip, its video features and its token ids and labels.
 
-    ``text_only``: the letter warm-up row, where the answer's content words stand in for the video (no clip
-    is drawn to frames), so the option-to-letter lookup is learnt on ~70-token rows before the video phase."""
+    Video rows keep the frozen tower's features (``tower``) and their :func:`cell_targets`; ``feats`` (what the LM
+    sees) is re-projected by :meth:`refresh` while the projector trains. ``text_only``: the letter warm-up row,
+    where the answer's content words stand in for the video (no clip is drawn to frames), so the
+    option-to-letter lookup is learnt on ~70-token rows before the video phase. ``options``: each option's last
+    token (:func:`option_positions`), ``correct``: the answer's index, both for the option probes."""
 
-    def __init__(self, model, proc, gen, folder, rng, text_only: bool = False):
+    def __init__(self, model, proc, gen, folder, rng, text_only: bool = False, frames: int = FRAMES):
         task, duration = rng.choice(list(TASKS)), rng.choice(list(DURATIONS))
+        self.tower = self.target = None
         if text_only:
             self.clip = gen.clip(task, "short")
             self.feats = torch.zeros(0, model.config.text_config.hidden_size, device=model.device)
             self.evidence = torch.zeros(0, dtype=torch.bool)
         else:
-            self.clip, frames, idx = decoded_clip(gen, task, duration, folder)
-            self.feats = video_features(model, proc, frames)
+            self.clip, decoded, idx = decoded_clip(gen, task, duration, folder, frames)
+            self.tower = tower_features(model, proc, decoded)
+            self.target = cell_targets(self.clip, idx, model.get_input_embeddings().weight, proc.tokenizer)
             self.evidence = evidence_mask(self.clip, idx)
+            self.refresh(model)
         correct = _content(self.clip)
         self.content = CONTENTS.index(correct)
         self.ids, self.labels = encode(proc, self.clip, len(self.feats), answer=True,
                                        video_text=correct if text_only else None, content_first=CONTENT_FIRST)
+        self.options = option_positions(self.ids, proc.tokenizer)
+        self.correct = LETTERS.index(self.clip.answer)
+
+    def refresh(self, model, grad: bool = False) -> None:
+        """Re-project the stored tower features with the current projector (with autograd when ``grad``)."""
+        if self.tower is not None:
+            with torch.set_grad_enabled(grad):
+                self.feats = project(model, self.tower)
 
 
 def _embed_rows(model, proc, samples: list[Sample], rows: list[list[int]], left: bool = False):
@@ -277,24 +354,50 @@ def evidence_loss(att: torch.Tensor, evidence: torch.Tensor) -> torch.Tensor:
     return -torch.log(mass[:, has] + 1e-4).mean()
 
 
+def option_probe_loss(probes: nn.ModuleList, hidden: tuple[torch.Tensor, ...], samples: list[Sample]) -> torch.Tensor:
+    """Cross-entropy of "which option is the answer", read by a linear probe at each option's last token from the
+    outputs of LM layers 1, 2, ... (one probe per layer). With the video before the question, an option's tokens
+    can attend to the video; the probes reward that per-option match directly, which the answer position then
+    only has to look up (the image stage's per-visual-token relevance probe, moved to the options)."""
+    rows = torch.arange(len(samples), device=hidden[0].device)[:, None]
+    pos = torch.tensor([s.options for s in samples], device=hidden[0].device)
+    target = torch.tensor([s.correct for s in samples], device=hidden[0].device)
+    return sum(F.cross_entropy(probe(hidden[j + 1][rows, pos]).squeeze(-1), target) for j, probe in enumerate(probes))
+
+
 def train(model, proc, minutes: float, batch: int, lr: float, aux: float, log, val: list[Sample],
           val_every: int, seed: int, warmup_minutes: float = 0.0, warmup_batch: int = 64,
-          attend: float = 0.0) -> float:
-    """Train the LM (tower, projector and newline frozen): first ``warmup_minutes`` on text-only letter rows,
-    then ``minutes`` on freshly drawn clips; returns the best validation accuracy (whose weights are kept).
-    ``attend`` > 0 adds :func:`evidence_loss` on the video rows."""
+          attend: float = 0.0, probe: float = 1.0, proj_lr: float = 0.0, align: float = 0.0,
+          frames: int = FRAMES) -> float:
+    """Train the LM (and the projector when ``proj_lr`` > 0; tower and newline frozen): first ``warmup_minutes``
+    on text-only letter rows, then ``minutes`` on freshly drawn clips of ``frames`` frames; returns the best
+    validation accuracy (whose weights are kept). Losses: the reply, ``aux`` x the answer-content head,
+    ``probe`` x :func:`option_probe_loss`, on video rows ``align`` x the MSE of the projected video tokens to
+    :func:`cell_targets` and ``attend`` x :func:`evidence_loss`."""
     rng, gen = random.Random(seed), ShapesVideoGenerator(seed)
     lm = model.model.language_model
     for p in model.parameters():
         p.requires_grad_(False)
     for p in lm.parameters():
         p.requires_grad_(True)
-    layer = max(1, lm.config.num_hidden_layers - 1)
-    head = nn.Linear(lm.config.hidden_size, len(CONTENTS)).to(model.device)
-    params = list(lm.parameters()) + list(head.parameters())
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    proj = list(model.model.multi_modal_projector.parameters()) if proj_lr > 0 else []
+    for p in proj:
+        p.requires_grad_(True)
+    n_layers, hidden = lm.config.num_hidden_layers, lm.config.hidden_size
+    layer = max(1, n_layers - 1)
+    head = nn.Linear(hidden, len(CONTENTS)).to(model.device)
+    probes = nn.ModuleList([nn.Linear(hidden, 1) for _ in range(1, n_layers)]).to(model.device)
+    params = list(lm.parameters()) + list(head.parameters()) + list(probes.parameters())
+    groups = [{"params": params, "base": lr}] + ([{"params": proj, "base": proj_lr}] if proj else [])
+    opt = torch.optim.AdamW(groups, lr=lr, weight_decay=0.01)
     best = (-1.0, None)
     model.train()
+
+    def validate(rows: list[Sample]) -> dict[str, float]:
+        for s in rows:
+            s.refresh(model)
+        return accuracy(model, proc, rows)
+
     with tempfile.TemporaryDirectory() as folder:
         phases = [("letters", warmup_minutes, warmup_batch, True), ("video", minutes, batch, False)]
         for name, phase_minutes, phase_batch, text_only in phases:
@@ -304,56 +407,64 @@ def train(model, proc, minutes: float, batch: int, lr: float, aux: float, log, v
                 tgen, trng = ShapesVideoGenerator(VAL_SEED + 1), random.Random(VAL_SEED + 1)
                 text_val = [Sample(model, proc, tgen, folder, trng, text_only=True) for _ in range(200)]
             # q/k of all layers but the first are captured only in the phase whose loss reads them
-            capture = AnswerAttention(lm, tuple(range(1, lm.config.num_hidden_layers))) \
-                if attend > 0 and not text_only else None
+            capture = AnswerAttention(lm, tuple(range(1, n_layers))) if attend > 0 and not text_only else None
             step, t0 = 0, time.time()
             while time.time() - t0 < phase_minutes * 60:
-                samples = [Sample(model, proc, gen, folder, rng, text_only) for _ in range(phase_batch)]
+                samples = [Sample(model, proc, gen, folder, rng, text_only, frames) for _ in range(phase_batch)]
                 for g in opt.param_groups:
-                    g["lr"] = _lr(step, (time.time() - t0) / (phase_minutes * 60), lr)
+                    g["lr"] = _lr(step, (time.time() - t0) / (phase_minutes * 60), g["base"])
+                for s in samples:
+                    s.refresh(model, grad=bool(proj))
                 out, lab, evidence, am = batch_forward(model, proc, samples, layer)
-                loss = out.loss
+                loss, logs = out.loss, {}
                 pos = (lab != -100).float().argmax(1) - 1  # the position that predicts the reply's first token
                 if capture is not None:
-                    att_loss = evidence_loss(capture.rows(pos, am), evidence)
-                    loss = loss + attend * att_loss
+                    logs["attend"] = evidence_loss(capture.rows(pos, am), evidence)
+                    loss = loss + attend * logs["attend"]
                 if aux > 0:
                     h = out.hidden_states[layer][torch.arange(len(samples)), pos]
                     target = torch.tensor([s.content for s in samples], device=model.device)
-                    aux_loss = F.cross_entropy(head(h), target)
-                    loss = loss + aux * aux_loss
+                    logs["aux"] = F.cross_entropy(head(h), target)
+                    loss = loss + aux * logs["aux"]
+                if probe > 0:
+                    logs["probe"] = option_probe_loss(probes, out.hidden_states, samples)
+                    loss = loss + probe * logs["probe"]
+                if align > 0 and not text_only:  # the newline (last token) is not the projector's
+                    logs["align"] = sum(F.mse_loss(s.feats[:-1], s.target[:-1].to(s.feats.device))
+                                        for s in samples) / len(samples)
+                    loss = loss + align * logs["align"]
                 opt.zero_grad()
                 loss.backward()
-                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                torch.nn.utils.clip_grad_norm_(params + proj, 1.0)
                 opt.step()
                 if step % 25 == 0:
-                    log(f"{name} step {step} loss {out.loss.item():.4f}"
-                        + (f" aux {aux_loss.item():.3f}" if aux > 0 else "")
-                        + (f" attend {att_loss.item():.3f}" if capture is not None else "")
-                        + f" ({time.time() - t0:.0f}s)")
+                    log(f"{name} step {step} loss {out.loss.item():.4f} "
+                        + " ".join(f"{k} {v.item():.4f}" for k, v in logs.items()) + f" ({time.time() - t0:.0f}s)")
                 if val_every and step and step % val_every == 0:
-                    acc = accuracy(model, proc, text_val if text_only else val)
+                    acc = validate(text_val if text_only else val)
                     log(f"{name} step {step} val {json.dumps({k: round(v, 3) for k, v in acc.items()})}")
                     if not text_only and acc["overall"] > best[0]:
-                        best = (acc["overall"], {k: v.detach().clone() for k, v in lm.state_dict().items()})
+                        best = (acc["overall"], {k: v.detach().clone() for k, v in model.state_dict().items()})
                 step += 1
             if capture is not None:
                 capture.remove()
             log(f"{name}: {step} steps")
-    acc = accuracy(model, proc, val)["overall"]
+    acc = validate(val)["overall"]
     log(f"final val {acc:.3f}")
     if best[1] is not None and best[0] > acc:
-        lm.load_state_dict(best[1])
+        model.load_state_dict(best[1])
         acc = best[0]
+    for s in val:
+        s.refresh(model)
     for p in model.parameters():
         p.requires_grad_(True)
     return acc
 
 
-def validation_set(model, proc, n: int) -> list[Sample]:
+def validation_set(model, proc, n: int, frames: int = FRAMES) -> list[Sample]:
     rng, gen = random.Random(VAL_SEED), ShapesVideoGenerator(VAL_SEED)
     with tempfile.TemporaryDirectory() as folder:
-        return [Sample(model, proc, gen, folder, rng) for _ in range(n)]
+        return [Sample(model, proc, gen, folder, rng, frames=frames) for _ in range(n)]
 
 
 def main() -> None:
@@ -362,14 +473,19 @@ def main() -> None:
                     help="the toy LLaVA to start from")
     ap.add_argument("--init", help="a toy video checkpoint to continue instead")
     ap.add_argument("--out", default=str(Path(__file__).parent / "checkpoints" / "toy-llava-onevision"))
-    ap.add_argument("--minutes", type=float, default=40)
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--warmup-minutes", type=float, default=3,
+    ap.add_argument("--minutes", type=float, default=30)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--frames", type=int, default=TRAIN_FRAMES, help="frames sampled uniformly per training clip")
+    ap.add_argument("--warmup-minutes", type=float, default=8,
                     help="text-only letter warm-up before the video phase (0: off)")
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--aux", type=float, default=1.0, help="weight of the answer-content head (0: off)")
-    ap.add_argument("--attend", type=float, default=1.0,
+    ap.add_argument("--attend", type=float, default=0.0,
                     help="weight of the evidence-attention loss in the video phase (0: off)")
+    ap.add_argument("--probe", type=float, default=1.0, help="weight of the option probes (0: off)")
+    ap.add_argument("--proj-lr", type=float, default=1e-3, help="projector learning rate (0: frozen)")
+    ap.add_argument("--align", type=float, default=10.0,
+                    help="weight of the projected video tokens' MSE to cell_targets (needs --proj-lr > 0)")
     ap.add_argument("--val", type=int, default=96, help="validation clips")
     ap.add_argument("--val-every", type=int, default=100)
     ap.add_argument("--seed", type=int, default=0)
@@ -390,19 +506,21 @@ def main() -> None:
         model = onevision_from_llava(args.from_llava, proc)
     model.set_attn_implementation("sdpa")
     t0 = time.time()
-    val = validation_set(model, proc, args.val)
+    val = validation_set(model, proc, args.val, args.frames)
     log(f"validation set: {len(val)} clips ({time.time() - t0:.0f}s); before training: "
         f"{json.dumps({k: round(v, 3) for k, v in accuracy(model, proc, val).items()})}")
     acc = train(model, proc, args.minutes, args.batch, args.lr, args.aux, log, val, args.val_every,
-                TRAIN_SEED + args.seed, warmup_minutes=args.warmup_minutes, attend=args.attend)
+                TRAIN_SEED + args.seed, warmup_minutes=args.warmup_minutes, attend=args.attend, probe=args.probe,
+                proj_lr=args.proj_lr, align=args.align, frames=args.frames)
     model.eval()
     model.save_pretrained(out)
     proc.save_pretrained(out)
     (out / "training.json").write_text(json.dumps({
         "from_llava": None if args.init else args.from_llava, "init": args.init, "minutes": args.minutes,
         "batch": args.batch, "warmup_minutes": args.warmup_minutes, "lr": args.lr, "aux": args.aux,
-        "attend": args.attend, "seed": args.seed, "train_seed": TRAIN_SEED + args.seed,
-        "val_seed": VAL_SEED, "val_clips": args.val, "val_letter_accuracy": acc, "frames": FRAMES,
+        "attend": args.attend, "probe": args.probe, "proj_lr": args.proj_lr, "align": args.align,
+        "seed": args.seed, "train_seed": TRAIN_SEED + args.seed,
+        "val_seed": VAL_SEED, "val_clips": args.val, "val_letter_accuracy": acc, "frames": args.frames,
         "threads": args.threads, "post_prompt": POST_PROMPT,
     }, indent=2))
     log(f"saved to {out} (val {acc:.3f}, {(time.time() - t0) / 60:.1f} min)")
