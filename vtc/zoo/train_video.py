@@ -39,7 +39,9 @@ validation clips, 8 frames, 2 CPU cores):
   projector lr 1e-3, align 10, ~1,200 video steps of 16 clips): validation 30 / 36.5 / 42.7 / 45.8 % at video
   steps 400 / 600 / 800 / the end (change 48 / 65 / 96 / 100 %; at the end count 46 %, motion 25 %, order 12 %)
   -- the first run above chance. "What changed" is learnt; motion and order, which need *when* (early vs late
-  frames), are not yet: the next thing to work on.
+  frames), are not yet: the next thing to work on. This module itself (H.264 frames, ``--warmup-minutes 6
+  --minutes 18``: 24 min, 911 letter steps, 547 video steps at ~2 s): letters 100 % at step 600, video 39.6 %
+  at step 400 (motion 40, order 36, count 39, change 43.5 %), 38.5 % at the end.
 
 Seeds: train 4000+, validation 5000, test 3000 (the CLI's ShapesVideo test split; never used here).
 """
