@@ -47,7 +47,7 @@ def test_letters_are_tokens_and_replies_parse(converted):
 
 def test_training_inputs_equal_the_models_own_forward(converted):
     """What the trainer feeds (features scattered into expanded placeholders) == processor + model forward."""
-    from vtc.zoo.train_video import Sample, batch_forward, encode, video_features
+    from vtc.zoo.train_video import Sample, batch_forward, encode, project, tower_features
 
     model, proc = converted
     clip = ShapesVideoGenerator(3).clip("order", "short")
@@ -58,7 +58,8 @@ def test_training_inputs_equal_the_models_own_forward(converted):
     with torch.no_grad():
         ref = model(**enc).logits[0]
     s = Sample.__new__(Sample)
-    s.clip, s.feats = clip, video_features(model, proc, clip.frames)
+    with torch.no_grad():  # the trainer's split path: frozen tower once, then projector + pooling + newline
+        s.clip, s.feats = clip, project(model, tower_features(model, proc, clip.frames))
     s.evidence = torch.zeros(len(s.feats), dtype=torch.bool)
     assert len(s.feats) == 16 * 49 + 1  # 16 frames pooled 2x2 to 7x7, one newline
     s.ids, s.labels = encode(proc, clip, len(s.feats), answer=True)
@@ -90,7 +91,8 @@ def test_mixed_frame_counts_batch_like_single_rows(converted, tmp_path):
 def test_answer_attention_rows_equal_eager_attention(converted):
     """The evidence loss's attention rows, computed from captured q/k under sdpa, equal eager attention's."""
     from vtc.zoo.shapes_video import ShapesVideoGenerator as Gen
-    from vtc.zoo.train_video import AnswerAttention, Sample, batch_forward, encode, evidence_mask, video_features
+    from vtc.zoo.train_video import (AnswerAttention, Sample, batch_forward, encode, evidence_mask, project,
+                                     tower_features)
 
     model, proc = converted
     gen, rows = Gen(4), []
@@ -98,7 +100,8 @@ def test_answer_attention_rows_equal_eager_attention(converted):
         clip = gen.clip(task, "short")
         s = Sample.__new__(Sample)
         idx = list(range(n))
-        s.clip, s.feats = clip, video_features(model, proc, [clip.frames[t] for t in idx])
+        with torch.no_grad():
+            s.clip, s.feats = clip, project(model, tower_features(model, proc, [clip.frames[t] for t in idx]))
         s.evidence = evidence_mask(clip, idx)
         s.ids, s.labels = encode(proc, clip, len(s.feats), answer=True, content_first=True)
         rows.append(s)
@@ -172,3 +175,5 @@ def test_option_positions_and_layouts(converted):
     pos = option_positions(ids, proc.tokenizer)
     assert [toks[p] for p in pos] == [o.split()[-1] for o in clip.options]
     assert [toks[p - 3] for p in pos] == list("ABCD")  # "A . yellow triangle": two words after "A ."
+    with pytest.raises(ValueError, match="expected 4 options"):
+        option_positions(ids[: pos[1]], proc.tokenizer)  # cut after option B: only two options

@@ -153,10 +153,10 @@ def option_positions(ids: list[int], tok) -> list[int]:
     training-only option probes read whether that option is the answer."""
     letters, dot = set(tok.convert_tokens_to_ids(list(LETTERS))), tok.convert_tokens_to_ids(".")
     starts = [i for i in range(len(ids) - 1) if ids[i] in letters and ids[i + 1] == dot]
-    end = tok.convert_tokens_to_ids("answer")  # the post-prompt ("Answer with the option's letter ...")
-    ends = starts[1:] + [next(i for i in range(starts[-1], len(ids)) if ids[i] == end)]
     if len(starts) != len(LETTERS):
         raise ValueError(f"expected {len(LETTERS)} options in the prompt, found {len(starts)}")
+    end = tok.convert_tokens_to_ids("answer")  # the post-prompt ("Answer with the option's letter ...")
+    ends = starts[1:] + [next(i for i in range(starts[-1], len(ids)) if ids[i] == end)]
     return [e - 1 for e in ends]
 
 
@@ -174,16 +174,6 @@ def project(model, tower: torch.Tensor) -> torch.Tensor:
     m = model.model
     f = m.apply_pooling(m.multi_modal_projector(tower))
     return torch.cat([f.flatten(0, 1), m.image_newline[None].to(f.dtype)])
-
-
-@torch.no_grad()
-def video_features(model, proc, frames) -> torch.Tensor:
-    """(n * 49 + 1, D): the model's own video features (tower, projector, 2x2 pooling, newline) for one clip."""
-    pv = proc.video_processor([list(frames)], return_tensors="pt")["pixel_values_videos"].to(model.device)
-    cfg = model.config
-    out = model.model.get_video_features(pixel_values_videos=pv, vision_feature_layer=cfg.vision_feature_layer,
-                                         vision_feature_select_strategy=cfg.vision_feature_select_strategy)
-    return out.pooler_output[0]
 
 
 def _content(clip) -> str:
@@ -396,7 +386,7 @@ def train(model, proc, minutes: float, batch: int, lr: float, aux: float, log, v
     model.train()
 
     def validate(rows: list[Sample]) -> dict[str, float]:
-        for s in rows:
+        for s in rows if proj else []:  # re-projected only when the projector has moved
             s.refresh(model)
         return accuracy(model, proc, rows)
 
@@ -415,8 +405,8 @@ def train(model, proc, minutes: float, batch: int, lr: float, aux: float, log, v
                 samples = [Sample(model, proc, gen, folder, rng, text_only, frames) for _ in range(phase_batch)]
                 for g in opt.param_groups:
                     g["lr"] = _lr(step, (time.time() - t0) / (phase_minutes * 60), g["base"])
-                for s in samples:
-                    s.refresh(model, grad=bool(proj))
+                for s in samples if proj else []:  # (a frozen projector's features were computed with the sample)
+                    s.refresh(model, grad=True)
                 out, lab, evidence, am = batch_forward(model, proc, samples, layer)
                 loss, logs = out.loss, {}
                 pos = (lab != -100).float().argmax(1) - 1  # the position that predicts the reply's first token
@@ -456,7 +446,7 @@ def train(model, proc, minutes: float, batch: int, lr: float, aux: float, log, v
     if best[1] is not None and best[0] > acc:
         model.load_state_dict(best[1])
         acc = best[0]
-    for s in val:
+    for s in val if proj else []:
         s.refresh(model)
     for p in model.parameters():
         p.requires_grad_(True)
