@@ -9,7 +9,7 @@ import pytest
 import vtc
 from vtc.eval.mme_data import load_mme, write_shapes_mme
 from vtc.eval.runner import evaluate_mme
-from vtc.zoo.models import TOY_LLAVA, TOY_NEXT, TOY_QWEN, default_model, load_model
+from vtc.zoo.models import TOY_LLAVA, TOY_NEXT, TOY_OV, TOY_QWEN, default_model, load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -93,3 +93,22 @@ def test_toy_llava_next_with_globalcom2_is_well_over_chance(tmp_path):
     res = evaluate_mme(model, proc, load_mme(tmp_path / "mme.parquet"), method="globalcom2", ratio=0.25,
                        progress=False)
     assert res["scores"]["question_accuracy"] >= 0.62  # chance is 0.5; the bundled checkpoint gets 0.683 here
+
+
+def test_toy_video_model_is_well_over_chance(tmp_path):
+    """The bundled toy OneVision on 24 clips of the ShapesVideo test split (H.264, decord, 32 frames), as is and
+    with VTC-CLS keeping half of each frame's tokens: chance is 0.25, both get 0.83 here."""
+    from vtc.eval.videomme_data import load_videomme, write_shapes_video
+    from vtc.eval.videomme_runner import evaluate_videomme
+
+    if not (TOY_OV / "config.json").exists():
+        pytest.skip("no toy LLaVA-OneVision checkpoint bundled")
+    model, proc = load_model(TOY_OV)
+    recs = load_videomme(write_shapes_video(tmp_path, seed=3000, per_cell=2))
+    full = evaluate_videomme(model, proc, recs, frames=32, batch_size=8, progress=False)
+    assert full["scores"]["accuracy"] >= 60
+    half = evaluate_videomme(model, proc, recs, frames=32, method="cls", ratio=0.5, batch_size=8, progress=False)
+    # short clips have 16 frames, the others 32 sampled; 24 of each frame's 49 pooled tokens kept, and the newline
+    assert {tuple(p["visual_tokens"]) for p in half["predictions"]} == {(16 * 49 + 1, 16 * 24 + 1),
+                                                                        (32 * 49 + 1, 32 * 24 + 1)}
+    assert half["scores"]["accuracy"] >= 60

@@ -177,3 +177,58 @@ def test_option_positions_and_layouts(converted):
     assert [toks[p - 3] for p in pos] == list("ABCD")  # "A . yellow triangle": two words after "A ."
     with pytest.raises(ValueError, match="expected 4 options"):
         option_positions(ids[: pos[1]], proc.tokenizer)  # cut after option B: only two options
+
+
+def test_pixel_values_equal_the_video_processor(converted):
+    """The trainer's device-side normalisation == the video processor's pixel values; other sizes go through it."""
+    import numpy as np
+
+    from vtc.zoo.train_video import pixel_values
+
+    _, proc = converted
+    frames = np.stack(ShapesVideoGenerator(5).clip("motion", "short").frames[:4])
+    want = proc.video_processor([list(frames)], return_tensors="pt")["pixel_values_videos"][0]
+    torch.testing.assert_close(pixel_values(proc, frames), want, rtol=0, atol=1e-6)
+    big = np.repeat(np.repeat(frames, 2, 1), 2, 2)  # 224 px: resized by the processor
+    assert pixel_values(proc, big).shape == want.shape
+
+
+def test_letter_loss_reads_the_token_before_eos():
+    import torch.nn.functional as F
+
+    from vtc.zoo.train_video import letter_loss
+
+    torch.manual_seed(0)
+    labels = torch.tensor([[-100, -100, 5, 7, 9, -100], [-100, 3, 4, 8, -100, -100]])  # replies "5 7 </s>", "3 4 </s>"
+    logits = torch.randn(2, 6, 12)
+    want = (F.cross_entropy(logits[0, 2][None], torch.tensor([7])) + F.cross_entropy(logits[1, 1][None], torch.tensor([4])))
+    torch.testing.assert_close(letter_loss(logits, labels), want / 2)
+
+
+def test_rows_drawn_by_workers_equal_rows_drawn_in_process(converted):
+    """RowStream with worker processes gives the same rows, in order, as drawing them in the trainer; the batched
+    tower in make_samples equals one clip at a time."""
+    import numpy as np
+
+    from vtc.zoo.train_video import RowStream, cell_targets, make_samples, tower_features
+
+    model, proc = converted
+    serial, parallel = RowStream(11, 4, raw=True), RowStream(11, 4, raw=True, workers=2)
+    try:
+        for text_only in (False, True):
+            a, b = serial.take(3, text_only), parallel.take(3, text_only)
+            assert [r.ids for r in a] == [r.ids for r in b] and [r.options for r in a] == [r.options for r in b]
+            for x, y in zip(a, b):
+                assert (x.frames is None) == text_only == (y.frames is None)
+                if not text_only:
+                    assert np.array_equal(x.frames, y.frames) and np.array_equal(x.coef, y.coef)
+    finally:
+        parallel.close()
+    rows = serial.take(3)
+    with torch.no_grad():
+        samples = make_samples(model, proc, rows)
+        for r, s in zip(rows, samples):
+            torch.testing.assert_close(s.tower, tower_features(model, proc, r.frames), rtol=1e-4, atol=1e-5)
+            assert s.feats.shape == (len(r.frames) * 49 + 1, model.config.text_config.hidden_size)
+            assert s.ids[s.options[s.correct]] == proc.tokenizer.convert_tokens_to_ids(s.clip.options[s.correct].split()[-1])
+    assert s.target.shape == s.feats.shape and cell_targets is not None

@@ -51,5 +51,5 @@ def test_video_example_runs_offline():
     out = subprocess.run([sys.executable, str(root / "examples" / "video_qa.py"), "--frames", "8", "--method", "uniform",
                           "--ratio", "0.25"], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
-    assert "frames used: 8" in out.stdout and "visual tokens: 784 -> 196 kept" in out.stdout
+    assert "frames used: 8" in out.stdout and "visual tokens: 393 -> 97 kept" in out.stdout  # 8 x 49 + newline -> 8 x 12 + newline
     assert "options: A. left | B. right | C. up | D. down" in out.stdout  # asked as a Video-MME item

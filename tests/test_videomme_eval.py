@@ -131,7 +131,8 @@ def test_write_and_load_both_record_formats(tmp_path):
 
 
 def test_evaluate_videomme_resumes_and_scores(tmp_path):
-    """End to end on a random tiny Qwen2-VL: predictions are written, a rerun reuses them, scores are consistent."""
+    """End to end on the bundled toy OneVision: predictions are written, a rerun reuses them, scores are consistent;
+    8 frames are 8 x 49 pooled tokens + 1 newline, uniform 0.5 keeps 24 a frame and the newline."""
     from vtc.eval.videomme_runner import evaluate_videomme
     from vtc.zoo.models import default_video_model
 
@@ -139,15 +140,15 @@ def test_evaluate_videomme_resumes_and_scores(tmp_path):
     recs = load_videomme(write_shapes_video(tmp_path / "sv", seed=12, per_cell=1))[:3]
     res = evaluate_videomme(model, proc, recs, tmp_path / "run", frames=8, method="uniform", ratio=0.5,
                             batch_size=2, max_new_tokens=3, progress=False)
-    assert res["compression"]["visual_tokens_before"] == 784 and res["compression"]["visual_tokens_after"] == 392
+    assert res["compression"]["visual_tokens_before"] == 393 and res["compression"]["visual_tokens_after"] == 193
     lines = (tmp_path / "run" / "predictions.jsonl").read_text().splitlines()
     assert len(lines) == 3
     again = evaluate_videomme(model, proc, recs, tmp_path / "run", frames=8, method="uniform", ratio=0.5,
                               batch_size=2, max_new_tokens=3, progress=False)
     assert again["predictions"] == res["predictions"] and again["scores"] == res["scores"]
     # nothing was generated the second time, yet the token counts come back from the saved predictions
-    assert again["compression"]["visual_tokens_after"] == 392 and again["compression"]["compress_seconds_this_run"] == 0
-    assert all(p["visual_tokens"] == [784, 392] for p in res["predictions"])
+    assert again["compression"]["visual_tokens_after"] == 193 and again["compression"]["compress_seconds_this_run"] == 0
+    assert all(p["visual_tokens"] == [393, 193] for p in res["predictions"])
     assert res["scores"] == videomme_scores(res["predictions"])
 
 
@@ -159,7 +160,7 @@ def test_cli_writes_data_and_evaluates(tmp_path, capsys):
                  "--method", "cls", "--ratio", "0.25", "--quiet", "--max-new-tokens", "2"]) == 0
     out = capsys.readouterr().out
     res = json.loads(out[out.index("{"):])
-    assert res["questions"] == 2 and res["visual_tokens"] == [784.0, 196.0] and res["frames"] == 8
+    assert res["questions"] == 2 and res["visual_tokens"] == [393.0, 97.0]  # 8 x 12 + newline and res["frames"] == 8
     assert main(["eval", "videomme", "--data", str(tmp_path / "sv"), "--ratio", "0.5"]) == 2  # --ratio needs --method
 
 
@@ -184,5 +185,5 @@ def test_sweep_on_both_benchmarks_writes_table_and_plots(tmp_path):
     vrecs = load_videomme(write_shapes_video(tmp_path / "sv", seed=6, per_cell=1))[:2]
     vrows = sweep(vmodel, vproc, vrecs, tmp_path / "sv_sweep", methods=["uniform"], ratios=[0.25], batch_size=2,
                   progress=False, bench="videomme", frames=8, max_new_tokens=2)
-    assert vrows[0]["tokens"] == 196 and vrows[0]["llm_fraction"] == 0.25
+    assert vrows[0]["tokens"] == 97 and vrows[0]["llm_fraction"] == pytest.approx(97 / 393)
     assert set(vrows[0]["categories"]) <= set(TASKS.values())
