@@ -88,3 +88,15 @@ def test_video_scores_follow_the_pooling(video_batch):
 def test_globalcom2_refuses_onevision():
     with pytest.raises(ValueError, match="CLS"):
         vtc.patch(tiny_llava_onevision(), "globalcom2", ratio=0.25)
+
+
+@pytest.mark.parametrize("method", ["cls", "uniform"])
+def test_video_budget_for_the_whole_video(video_batch, method):
+    """``tokens=`` is the budget of the whole video, spread evenly over its frames (``ratio=`` is per frame)."""
+    m = tiny_llava_onevision()
+    p = vtc.patch(m, method, tokens=FRAMES * 3)
+    gen(m, video_batch, n=2)
+    assert p.stats[-1].tokens_after == [FRAMES * 3 + 1] * 2  # three of each frame's four pooled tokens + newline
+    for keep in p.last_kept():
+        assert keep[:-1].view(FRAMES, PER_FRAME).sum(1).tolist() == [3] * FRAMES and bool(keep[-1])
+    vtc.unpatch(m)
