@@ -199,7 +199,8 @@ def main() -> None:
     shape, parts = {"llava": ("LLaVA-1.5", "ViT-L/14-336 + Llama"),
                     "llava-next": ("LLaVA-NeXT (672x672, 5 views)", "ViT-L/14-336 + Llama"),
                     "onevision-video": (f"LLaVA-OneVision video ({args.frames} frames x 196)",
-                                        f"SigLIP-so400m {model.config.vision_config.num_hidden_layers}L + Qwen2")}[args.model]
+                                        f"SigLIP-so400m {model.config.vision_config.num_hidden_layers}L + Qwen2"),
+                    }[args.model]
     print(f"{shape}-shaped prefill: {parts} {args.llm_layers}L x {args.llm_width}, {dtype}, {dev}; "
           f"batch {args.batch}; median of {args.repeats}")
     print(f"{'method':8} {'ratio':>5} {'LLM-in':>6} {'prefill ms':>10} {'speedup':>8} {'ideal':>6} {'of ideal':>8} "

@@ -14,7 +14,8 @@ def add_compression_args(ap: argparse.ArgumentParser, ratio_help: str) -> None:
     """The flags both examples share: method, budget, generation length, device."""
     ap.add_argument("--method", default="cls", help=f"one of {vtc.available_methods()} or 'none'")
     ap.add_argument("--ratio", type=float, default=None, help=ratio_help)
-    ap.add_argument("--tokens", type=int, default=None, help="visual tokens kept per image / frame group (instead of --ratio)")
+    ap.add_argument("--tokens", type=int, default=None,
+                    help="visual tokens kept per image / video (instead of --ratio)")
     ap.add_argument("--max-new-tokens", type=int, default=16)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
 

@@ -11,7 +11,8 @@ from vtc.zoo.tiny import llava_prompt
 
 from conftest import N_TOKENS, greedy, single_row
 
-CASES = [("fastv", dict(ratio=0.5, k=2)), ("aim", dict(ratio=0.5, l1=1, l2=3)), ("aim", dict(l1=0, l2=3, merge_mode="mean"))]
+CASES = [("fastv", dict(ratio=0.5, k=2)), ("aim", dict(ratio=0.5, l1=1, l2=3)),
+         ("aim", dict(l1=0, l2=3, merge_mode="mean"))]
 
 
 @pytest.fixture

@@ -111,8 +111,9 @@ def test_direct_forward_matches_hand_built_reference(make_llava, llava_batch):
         keep[i, pos_vis[kept]] = True
     index, valid = left_repad_index(keep)
     with torch.no_grad():
+        pos = torch.arange(ids.shape[1]).expand(2, -1).gather(1, index)
         h = base.language_model(inputs_embeds=gather_rows(emb, index), attention_mask=am.gather(1, index) * valid,
-                                position_ids=torch.arange(ids.shape[1]).expand(2, -1).gather(1, index)).last_hidden_state
+                                position_ids=pos).last_hidden_state
         ref_last = m.lm_head(h[:, -1])
     torch.testing.assert_close(out.logits[:, -1], ref_last, atol=1e-5, rtol=1e-5)
     text = ~visual

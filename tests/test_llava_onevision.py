@@ -16,8 +16,8 @@ def video_batch():
     g = torch.Generator().manual_seed(4)
     rows = [[1, 5] + [QWEN_VIDEO] * N_VIDEO + [7, 8], [1] + [QWEN_VIDEO] * N_VIDEO + [7, 8, 9]]
     ids, am = left_pad(rows)
-    return {"input_ids": ids, "attention_mask": am, "pixel_values_videos": torch.randn(2, FRAMES, 3, 32, 32, generator=g),
-            "rows": rows}
+    return {"input_ids": ids, "attention_mask": am,
+            "pixel_values_videos": torch.randn(2, FRAMES, 3, 32, 32, generator=g), "rows": rows}
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +82,8 @@ def test_video_scores_follow_the_pooling(video_batch):
     pooled = F.interpolate(att.view(-1, 1, 4, 4), size=(2, 2), mode="bilinear").flatten(1)  # (8, 4)
     for i, (lay, score) in enumerate(rec.seen):
         assert lay.kind == "frames" and lay.view.tolist() == [t for t in range(FRAMES) for _ in range(4)] + [-1]
-        torch.testing.assert_close(score[:-1].view(FRAMES, 4), pooled[i * FRAMES:(i + 1) * FRAMES], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(score[:-1].view(FRAMES, 4), pooled[i * FRAMES:(i + 1) * FRAMES],
+                                   atol=1e-5, rtol=1e-5)
 
 
 def test_globalcom2_refuses_onevision():

@@ -34,7 +34,8 @@ def test_scores_hand_computed():
         # count: one image, both wrong -> 0
         _r("count/c.png", "count", "Yes", "other text"), _r("count/c.png", "count", "No", "yes"),
         # cognition category: both right -> 200
-        _r("code_reasoning/d.png", "code_reasoning", "Yes", "y"), _r("code_reasoning/d.png", "code_reasoning", "No", "n"),
+        _r("code_reasoning/d.png", "code_reasoning", "Yes", "y"),
+        _r("code_reasoning/d.png", "code_reasoning", "No", "n"),
     ])
     assert res["categories"]["existence"]["score"] == 125.0
     assert res["categories"]["existence"]["acc"] == 75.0 and res["categories"]["existence"]["acc_plus"] == 50.0
@@ -77,7 +78,8 @@ def test_both_layouts_load_the_same_records(tmp_path):
     key = lambda r: (r.question_id, r.question, r.answer, r.category)
     assert sorted(map(key, folder)) == sorted(map(key, parquet))
     assert len(parquet) == 2 * 3 * len(CATEGORIES)
-    assert folder[0].image().tobytes() == next(p for p in parquet if p.question_id == folder[0].question_id).image().tobytes()
+    same = next(p for p in parquet if p.question_id == folder[0].question_id)
+    assert folder[0].image().tobytes() == same.image().tobytes()
     assert all(r.question.endswith(" Please answer yes or no.") for r in parquet)
 
 
@@ -87,7 +89,8 @@ def test_folder_layout_with_images_and_qa_subfolders(tmp_path):
     (cat / "images").mkdir(parents=True)
     (cat / "questions_answers_YN").mkdir()
     Image.new("RGB", (8, 8)).save(cat / "images" / "10.jpg")
-    (cat / "questions_answers_YN" / "10.txt").write_text("Is it red? Please answer yes or no.\tNo\nIs it black? Please answer yes or no.\tYes\n")
+    (cat / "questions_answers_YN" / "10.txt").write_text(
+        "Is it red? Please answer yes or no.\tNo\nIs it black? Please answer yes or no.\tYes\n")
     recs = load_mme(tmp_path)
     assert [(r.question_id, r.answer) for r in recs] == [("artwork/10.jpg", "No"), ("artwork/10.jpg", "Yes")]
 

@@ -117,7 +117,8 @@ def test_qwen25_planted_token_is_kept_despite_window_order():
         v.rotary_pos_emb.inv_freq.zero_()  # no rotation, so q.k = a.x
     grid = torch.tensor([[1, 8, 16]])
     from transformers.vision_utils import get_vision_window_index
-    window_index = get_vision_window_index(grid, spatial_merge_size=2, window_size=v.window_size, patch_size=v.patch_size)[0]
+    window_index = get_vision_window_index(grid, spatial_merge_size=2, window_size=v.window_size,
+                                           patch_size=v.patch_size)[0]
     assert not torch.equal(window_index, torch.arange(len(window_index)))  # the order really is permuted
     planted = 13  # merged unit in raster (token) order
     pos = (window_index == planted).nonzero()[0, 0].item()  # where it sits in window order

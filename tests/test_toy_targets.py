@@ -104,7 +104,8 @@ def test_word_alignment_loss_by_hand():
     four = torch.zeros(1, 2, 4, dtype=torch.long)  # nothing shown: 2 e_0 everywhere, plus (1-x) e_1 + x e_2
     code = word_target(four, emb, words, x_words=(1, 2))
     assert torch.equal(code[0, :, 0], torch.full((4,), 2.0))
-    assert torch.equal(code[0, :, 1], torch.tensor([1.0, 0, 1, 0])) and torch.equal(code[0, :, 2], torch.tensor([0.0, 1, 0, 1]))
+    assert torch.equal(code[0, :, 1], torch.tensor([1.0, 0, 1, 0]))
+    assert torch.equal(code[0, :, 2], torch.tensor([0.0, 1, 0, 1]))
     emb.requires_grad_(True)  # the target is detached: only the projector is pulled, not the embeddings
     feats.requires_grad_(True)
     word_alignment_loss(feats, labels, emb, words).backward()

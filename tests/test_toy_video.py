@@ -138,7 +138,8 @@ def test_cell_targets_hand_computed(converted):
 
     model, proc = converted
     tok, emb = proc.tokenizer, model.get_input_embeddings().weight
-    w = {x: emb[tok.convert_tokens_to_ids(x)] for x in ("empty", "object", "red", "circle", "left", "right", "up", "down")}
+    words = ("empty", "object", "red", "circle", "left", "right", "up", "down")
+    w = {x: emb[tok.convert_tokens_to_ids(x)] for x in words}
     for x in ("left", "right", "up", "down"):
         w[x] = w[x] * 0.75 / w[x].norm()
     clip = Clip([np.zeros((112, 112, 3), np.uint8)], "change", "short", "", [], "A",
@@ -201,7 +202,8 @@ def test_letter_loss_reads_the_token_before_eos():
     torch.manual_seed(0)
     labels = torch.tensor([[-100, -100, 5, 7, 9, -100], [-100, 3, 4, 8, -100, -100]])  # replies "5 7 </s>", "3 4 </s>"
     logits = torch.randn(2, 6, 12)
-    want = (F.cross_entropy(logits[0, 2][None], torch.tensor([7])) + F.cross_entropy(logits[1, 1][None], torch.tensor([4])))
+    want = F.cross_entropy(logits[0, 2][None], torch.tensor([7]))  # row 0: letter 7 at 3, predicted from 2
+    want = want + F.cross_entropy(logits[1, 1][None], torch.tensor([4]))  # row 1: letter 4 at 2, from 1
     torch.testing.assert_close(letter_loss(logits, labels), want / 2)
 
 
@@ -230,5 +232,6 @@ def test_rows_drawn_by_workers_equal_rows_drawn_in_process(converted):
         for r, s in zip(rows, samples):
             torch.testing.assert_close(s.tower, tower_features(model, proc, r.frames), rtol=1e-4, atol=1e-5)
             assert s.feats.shape == (len(r.frames) * 49 + 1, model.config.text_config.hidden_size)
-            assert s.ids[s.options[s.correct]] == proc.tokenizer.convert_tokens_to_ids(s.clip.options[s.correct].split()[-1])
+            last_word = s.clip.options[s.correct].split()[-1]
+            assert s.ids[s.options[s.correct]] == proc.tokenizer.convert_tokens_to_ids(last_word)
     assert s.target.shape == s.feats.shape and cell_targets is not None

@@ -48,8 +48,10 @@ def test_video_example_runs_offline():
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
-    out = subprocess.run([sys.executable, str(root / "examples" / "video_qa.py"), "--frames", "8", "--method", "uniform",
+    out = subprocess.run([sys.executable, str(root / "examples" / "video_qa.py"), "--frames", "8",
+                          "--method", "uniform",
                           "--ratio", "0.25"], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
-    assert "frames used: 8" in out.stdout and "visual tokens: 393 -> 97 kept" in out.stdout  # 8 x 49 + newline -> 8 x 12 + newline
+    # 8 x 49 + newline -> 8 x 12 + newline
+    assert "frames used: 8" in out.stdout and "visual tokens: 393 -> 97 kept" in out.stdout
     assert "options: A. left | B. right | C. up | D. down" in out.stdout  # asked as a Video-MME item

@@ -44,7 +44,8 @@ def test_prompt_matches_lmms_eval_layout():
 def test_scores_overall_and_breakdowns():
     rows = [
         {"answer": "A", "prediction": "A", "duration": "short", "task_type": "Counting Problem", "domain": "X"},
-        {"answer": "B", "prediction": "The answer is (B).", "duration": "short", "task_type": "Temporal Reasoning", "domain": "X"},
+        {"answer": "B", "prediction": "The answer is (B).", "duration": "short", "task_type": "Temporal Reasoning",
+         "domain": "X"},
         {"answer": "C", "prediction": "D", "duration": "long", "task_type": "Counting Problem", "domain": "X"},
         {"answer": "D", "prediction": "no idea at all what this could be, honestly, sorry about it", "duration": "long",
          "task_type": "Temporal Reasoning", "domain": "Y"},
@@ -106,7 +107,8 @@ def test_count_objects_are_seen_in_eight_uniform_frames():
 
 def test_generator_is_deterministic_and_validates():
     a, b = ShapesVideoGenerator(3).clip("order", "short"), ShapesVideoGenerator(3).clip("order", "short")
-    assert a.question == b.question and a.options == b.options and all(np.array_equal(x, y) for x, y in zip(a.frames, b.frames))
+    assert a.question == b.question and a.options == b.options
+    assert all(np.array_equal(x, y) for x, y in zip(a.frames, b.frames))
     with pytest.raises(ValueError, match="unknown task"):
         ShapesVideoGenerator(0).clip("nope", "short")
     with pytest.raises(ValueError, match="unknown duration"):

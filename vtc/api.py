@@ -82,7 +82,8 @@ def _check_budget(name: str, rule: str, ratio: float | None, tokens: int | None)
     if ratio is not None and tokens is not None:
         raise ValueError(f"method {name!r}: give either ratio= or tokens=, not both")
     if rule == "ratio" and ratio is None and tokens is None:
-        raise ValueError(f"method {name!r} needs a budget: ratio= (fraction kept, in (0, 1]) or tokens= (count per image)")
+        raise ValueError(f"method {name!r} needs a budget: ratio= (fraction kept, in (0, 1]) "
+                         "or tokens= (count per image)")
     if rule == "own" and (ratio is not None or tokens is not None):
         raise ValueError(f"method {name!r} sets its own budget; do not pass ratio= or tokens=")
     if ratio is not None:

@@ -23,6 +23,11 @@ def _load(args):
     return (default_video_model if _is_video(args) else default_model)(args.device)
 
 
+def _token_counts(res: dict) -> list:
+    """[visual tokens before, after] (means per item) of an evaluation result."""
+    return [res["compression"]["visual_tokens_before"], res["compression"]["visual_tokens_after"]]
+
+
 def _records(args):
     from .eval.mme_data import load_mme, write_shapes_mme
 
@@ -53,7 +58,8 @@ def _common(p: argparse.ArgumentParser) -> None:
                    "(parquet/JSON) with data/<videoID>.mp4 (default: the ShapesMME / ShapesVideo test split)")
     p.add_argument("--per-category", type=int, default=40,
                    help="when generating: ShapesMME images per category / ShapesVideo clips per task x duration")
-    p.add_argument("--limit", type=int, default=0, help="evaluate only the first N images (MME) / questions (Video-MME)")
+    p.add_argument("--limit", type=int, default=0,
+                   help="evaluate only the first N images (MME) / questions (Video-MME)")
     p.add_argument("--frames", type=int, default=32, help="Video-MME: frames sampled uniformly per video")
     p.add_argument("--canvas", type=int, default=112,
                    help="when generating ShapesMME: image side in px (224: the high-resolution split of the toy NeXT)")
@@ -117,7 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     model, proc, label = _load(args)
     recs = _records(args)
     video = _is_video(args)
-    cfg = {"model": label, "data": f"Shapes{'Video' if video else 'MME'} test (seed {TEST_SEED})" if generated else str(args.data),
+    data = f"Shapes{'Video' if video else 'MME'} test (seed {TEST_SEED})" if generated else str(args.data)
+    cfg = {"model": label, "data": data,
            "images" if not video else "questions": len({r.question_id for r in recs})}
     if args.bench == "videomme":
         from .eval.videomme_runner import evaluate_videomme
@@ -129,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"model: {label}")
         print(json.dumps({"method": res["config"]["method"], "ratio": args.ratio, "frames": args.frames,
                           "accuracy": round(s["accuracy"], 2), "questions": s["questions"],
-                          "visual_tokens": [res["compression"]["visual_tokens_before"], res["compression"]["visual_tokens_after"]],
+                          "visual_tokens": _token_counts(res),
                           **{k: v for k, v in s.items() if k.startswith("by_")}}, indent=1))
         return 0
     if args.bench == "mme":
@@ -138,9 +145,10 @@ def main(argv: list[str] | None = None) -> int:
                            config=cfg)
         s = res["scores"]
         print(f"model: {label}")
-        print(json.dumps({"method": res["config"]["method"], "ratio": args.ratio, "perception": round(s["perception"], 2),
+        print(json.dumps({"method": res["config"]["method"], "ratio": args.ratio,
+                          "perception": round(s["perception"], 2),
                           "cognition": round(s["cognition"], 2), "question_accuracy": round(s["question_accuracy"], 4),
-                          "visual_tokens": [res["compression"]["visual_tokens_before"], res["compression"]["visual_tokens_after"]],
+                          "visual_tokens": _token_counts(res),
                           "categories": {c: round(v["score"], 2) for c, v in s["categories"].items()}}, indent=1))
         return 0
     out = args.out or "runs/sweep"

@@ -17,7 +17,8 @@ class ScoreRequest:
     kind: ``cls_prob`` = head-mean post-softmax attention of the CLS query over the feature tokens (N,);
     ``cls_logit`` = head-mean pre-softmax logits of the same row (N,); ``keys`` = the layer's key vectors,
     all heads concatenated (N, D); ``received`` = head-mean attention each token receives from all tokens
-    of its image (N,), averaged over each spatial-merge unit where the tower merges patches. layers: 0-based encoder layer indices; -1 means the last layer.
+    of its image (N,), averaged over each spatial-merge unit where the tower merges patches. layers: 0-based
+    encoder layer indices; -1 means the last layer.
     """
 
     kind: ScoreKind

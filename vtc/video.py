@@ -35,7 +35,8 @@ def sample_indices(total: int, num_frames: int | None = 32, fps: float | None = 
     return np.linspace(0, total - 1, num_frames, dtype=int).tolist()
 
 
-def load_video(path: str | Path, num_frames: int | None = 32, fps: float | None = None) -> tuple[np.ndarray, list[int], float]:
+def load_video(path: str | Path, num_frames: int | None = 32,
+               fps: float | None = None) -> tuple[np.ndarray, list[int], float]:
     """Decode sampled frames with decord: returns (frames (n, H, W, 3) uint8 RGB, indices, the video's fps)."""
     try:
         import decord

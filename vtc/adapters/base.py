@@ -38,7 +38,8 @@ class Adapter:
         unsupported = [s for s in sites if s not in self.supported_sites]
         if unsupported:
             raise ValueError(
-                f"the {self.family} adapter does not support site(s) {unsupported}; supported: {list(self.supported_sites)}"
+                f"the {self.family} adapter does not support site(s) {unsupported}; "
+                f"supported: {list(self.supported_sites)}"
             )
 
     supported_sites: ClassVar[tuple[str, ...]] = ()

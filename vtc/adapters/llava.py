@@ -2,9 +2,9 @@
 
 Sites:
 - ``vision``: hooks on the requested ``CLIPAttention`` layers capture the layer's own q/k projections and
-  compute only the CLS query row (any attention backend, no extra projection FLOPs); a pre-hook on the projector hands each image's features to the runtime and
-  projects only the kept tokens; a forward hook lays them back into the placeholder layout (dropped rows
-  are zero and never reach the LM).
+  compute only the CLS query row (any attention backend, no extra projection FLOPs); a pre-hook on the
+  projector hands each image's features to the runtime and projects only the kept tokens; a forward hook
+  lays them back into the placeholder layout (dropped rows are zero and never reach the LM).
 - ``llm_input``: :class:`~vtc.adapters.llm_input.LLMInputPruner` on ``model.model.language_model``.
 
 Keep sets travel from the vision site to the LM through the identity of the per-image feature tensors in

@@ -202,13 +202,16 @@ class LLMLayerPruner:
             new = torch.ones(total_new, dtype=torch.bool, device=valid.device).expand(b, total_new)
             cols = torch.cat([valid, new], 1)[:, None, None, :].expand(b, 1, q_len, lc + total_new).clone()
             if q_len > 1:
-                cols[..., lc:] &= torch.ones(q_len, total_new, dtype=torch.bool, device=valid.device).tril(total_new - q_len)
-            out["attention_mask"] = cols if self.impl != "eager" else self._format_mask(cols[:, 0], torch.float32, "float")
+                causal = torch.ones(q_len, total_new, dtype=torch.bool, device=valid.device)
+                cols[..., lc:] &= causal.tril(total_new - q_len)
+            eager = self.impl == "eager"
+            out["attention_mask"] = self._format_mask(cols[:, 0], torch.float32, "float") if eager else cols
             return out
         kv_full = mask.shape[-1]
         cols = torch.cat([index, torch.arange(lk, kv_full, device=index.device).expand(b, -1)], 1)
-        m = mask.expand(b, *mask.shape[1:]).gather(3, cols[:, None, None, :].expand(b, mask.shape[1], mask.shape[2], -1))
-        keep_cols = torch.cat([valid, torch.ones(b, kv_full - lk, dtype=torch.bool, device=valid.device)], 1)[:, None, None, :]
+        m = mask.expand(b, *mask.shape[1:]).gather(3, cols[:, None, None, :].expand(b, *mask.shape[1:3], -1))
+        rest = torch.ones(b, kv_full - lk, dtype=torch.bool, device=valid.device)
+        keep_cols = torch.cat([valid, rest], 1)[:, None, None, :]
         if m.dtype == torch.bool:
             m = m & keep_cols
         else:

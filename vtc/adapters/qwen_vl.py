@@ -71,7 +71,8 @@ class QwenVLAdapter(Adapter):
             if req.kind == "keys":
                 continue  # merging methods use the merged features themselves on Qwen
             if req.kind != "received":
-                raise ValueError(f"the {self.family} adapter has no {req.kind!r} scores (no CLS token); it offers 'received'")
+                raise ValueError(f"the {self.family} adapter has no {req.kind!r} scores (no CLS token); "
+                                 "it offers 'received'")
             for l in req.layers:
                 self._install_received(l % len(self.blocks))
         for name, modality in (("get_image_features", "image"), ("get_video_features", "video")):

@@ -196,7 +196,8 @@ def sweep(
                                                  batch_size=batch_size, progress=progress, config=config, **eval_kwargs)
             s = res["scores"]
             if bench == "mme":
-                score, acc, cats = s["perception"], s["question_accuracy"], {c: v["score"] for c, v in s["categories"].items()}
+                cats = {c: v["score"] for c, v in s["categories"].items()}
+                score, acc = s["perception"], s["question_accuracy"]
             else:
                 score, acc, cats = s["accuracy"], s["accuracy"] / 100, s["by_task_type"]
             rows.append({"method": m, "ratio": r, "score": score, "accuracy": acc,

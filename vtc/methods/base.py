@@ -13,7 +13,8 @@ import torch
 from ..core.select import budget as resolve_budget
 from ..sites import LLMLayerInput, QueryKind, ScoreKind, ScoreRequest, Selection, VisionInfo, VisualInput
 
-__all__ = ["Method", "ScoreKind", "ScoreRequest", "Selection", "VisionInfo", "VisualInput", "LLMLayerInput", "QueryKind"]
+__all__ = ["Method", "ScoreKind", "ScoreRequest", "Selection", "VisionInfo", "VisualInput", "LLMLayerInput",
+           "QueryKind"]
 
 class Method:
     """Base class. Subclasses are dataclasses of hyperparameters and override the site methods they use."""

@@ -69,5 +69,6 @@ def default_video_model(device: str = "cpu") -> tuple[Any, Any, str]:
     model = Qwen2VLForConditionalGeneration(toy_qwen_config(proc.tokenizer)).eval()
     model.generation_config.eos_token_id = proc.tokenizer.eos_token_id
     model.generation_config.pad_token_id = proc.tokenizer.pad_token_id
-    return model.to(device), proc, "tiny RANDOM-WEIGHT Qwen2-VL (no toy video checkpoint found): answers are meaningless"
+    label = "tiny RANDOM-WEIGHT Qwen2-VL (no toy video checkpoint found): answers are meaningless"
+    return model.to(device), proc, label
 

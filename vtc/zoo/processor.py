@@ -95,7 +95,8 @@ QWEN_CHAT_TEMPLATE = (  # question first, like the toy LLaVA template (see CHAT_
 
 
 def build_qwen_processor(image_size: int, patch_size: int = 4, merge_size: int = 2):
-    """A ``Qwen2VLProcessor`` for the toy Qwen2-VL: ``image_size`` square images -> (image_size/patch/merge)^2 tokens."""
+    """A ``Qwen2VLProcessor`` for the toy Qwen2-VL: ``image_size`` square images -> (image_size/patch/merge)^2
+    tokens."""
     from transformers import Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
 
     tok = build_tokenizer()

@@ -104,7 +104,8 @@ class ShapesGenerator:
         self.small_ok = self.difficulty >= 0.5
 
     # ---------------------------------------------------------------- scenes
-    def scene(self, n_objects: int | None = None, digit: bool | None = None, forced: list[tuple[str, str, str]] | None = None) -> Scene:
+    def scene(self, n_objects: int | None = None, digit: bool | None = None,
+              forced: list[tuple[str, str, str]] | None = None) -> Scene:
         rng = self.rng
         boxes: list = []
         objs: list[Obj] = []

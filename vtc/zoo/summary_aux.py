@@ -81,7 +81,8 @@ class SummaryHeads(nn.Module):
             total = total + F.binary_cross_entropy_with_logits(heads["present"](h), stack["present"])
             err = (torch.sigmoid(heads["xpos"](h)) - stack["xpos"]) ** 2 * stack["xmask"]
             total = total + 10 * err.sum() / stack["xmask"].sum().clamp(min=1)
-            total = total + F.cross_entropy(heads["count"](h).view(-1, len(_S), 6).flatten(0, 1), stack["count"].flatten())
+            counts = heads["count"](h).view(-1, len(_S), 6).flatten(0, 1)
+            total = total + F.cross_entropy(counts, stack["count"].flatten())
             for k, v in ints.items():
                 total = total + F.cross_entropy(heads[k](h), v)
         return total
@@ -99,7 +100,8 @@ def relevance_targets(question: str, labels: torch.Tensor) -> torch.Tensor:
     elif t["q_color"]:
         rel = colour == t["q_color"]
     elif t["q_shape"]:
-        rel = (shape == t["q_shape"]) | ((shape == t["q_shape2"]) if t["q_shape2"] else torch.zeros_like(shape, dtype=torch.bool))
+        second = (shape == t["q_shape2"]) if t["q_shape2"] else torch.zeros_like(shape, dtype=torch.bool)
+        rel = (shape == t["q_shape"]) | second
     else:
         rel = torch.zeros_like(shape, dtype=torch.bool)
     return rel.float()

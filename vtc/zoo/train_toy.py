@@ -140,7 +140,8 @@ def toy_qwen_config(tok):
                 rope_parameters={"rope_type": "default", "rope_theta": 1e4, "mrope_section": [4, 6, 6]},
                 pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                 tie_word_embeddings=True)
-    ids = {t: tok.convert_tokens_to_ids(t) for t in ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")}
+    ids = {t: tok.convert_tokens_to_ids(t)
+           for t in ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")}
     return Qwen2VLConfig(vision_config=vision, text_config=text, image_token_id=ids["<|image_pad|>"],
                          video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
                          vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=True)
@@ -689,7 +690,8 @@ def main() -> None:
                     help="projector-only alignment steps before stage 3 (0: skip)")
     ap.add_argument("--stage3-minutes", type=float, default=60)
     ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--aux", type=float, default=1.0, help="weight of the training-only summary heads and relevance probe (0: off)")
+    ap.add_argument("--aux", type=float, default=1.0,
+                    help="weight of the training-only summary heads and relevance probe (0: off)")
     ap.add_argument("--align", type=float, default=1.0,
                     help="weight of the projector-to-word-embedding alignment loss in stage 3 (needs --aux > 0)")
     ap.add_argument("--spread", type=float, default=0.0,
@@ -697,8 +699,10 @@ def main() -> None:
     ap.add_argument("--vision-lr", type=float, default=0.0, help="vision tower lr in the VQA stage (0: frozen)")
     ap.add_argument("--curriculum", type=float, default=0.0,
                     help="fraction of the VQA stage over which scenes grow from one large object to the full set")
-    ap.add_argument("--resume", help="a stage-1 checkpoint folder (runs/.../stage1): its vision tower is loaded, the LM is new")
-    ap.add_argument("--init", help="a full checkpoint of this family to continue from (all weights; with --start-stage 3)")
+    ap.add_argument("--resume",
+                    help="a stage-1 checkpoint folder (runs/.../stage1): its vision tower is loaded, the LM is new")
+    ap.add_argument("--init",
+                    help="a full checkpoint of this family to continue from (all weights; with --start-stage 3)")
     ap.add_argument("--from-llava", help="the toy LLaVA to start from: llava-next takes all its weights (stage 3 only, "
                     "--aux 0); qwen2-vl its LM, with a tower (--resume: a toy Qwen's) distilled onto it in stage 2")
     ap.add_argument("--start-stage", type=int, default=1, help="first stage to run (with --resume or --init)")
@@ -768,7 +772,8 @@ def main() -> None:
     model.save_pretrained(out)
     proc.save_pretrained(out)
     (out / "training.json").write_text(json.dumps({
-        "family": args.family, "seed": args.seed, "train_seed": TRAIN_SEED, "val_seed": VAL_SEED, "minutes": (time.time() - t0) / 60,
+        "family": args.family, "seed": args.seed, "train_seed": TRAIN_SEED, "val_seed": VAL_SEED,
+        "minutes": (time.time() - t0) / 60,
         "stage1_minutes": args.stage1_minutes, "stage2_steps": args.stage2_steps,
         "stage3_minutes": args.stage3_minutes, "batch": args.batch, "start_stage": args.start_stage,
         "init": args.init, "resume": args.resume, "from_llava": args.from_llava, "lr": args.lr,

@@ -308,7 +308,8 @@ class Sample:
 
     def __init__(self, model, prep: Prepared, tower: torch.Tensor | None = None, words: torch.Tensor | None = None):
         self.clip, self.ids, self.labels = prep.clip, prep.ids, prep.labels
-        self.options, self.correct, self.content, self.evidence = prep.options, prep.correct, prep.content, prep.evidence
+        self.options, self.correct, self.content = prep.options, prep.correct, prep.content
+        self.evidence = prep.evidence
         self.tower = tower
         self.target = None if tower is None else torch.from_numpy(prep.coef).to(words) @ words
         self.feats = torch.zeros(0, model.config.text_config.hidden_size, device=model.device)
@@ -344,7 +345,8 @@ class RowStream:
         self.pending = None  # (first row, n, text_only, the rows being drawn)
 
     def _jobs(self, start: int, n: int, text_only: bool) -> list[tuple[int, int, bool, bool]]:
-        return [((self.seed * 1_000_003 + i) % 2 ** 31, self.frames, self.raw, text_only) for i in range(start, start + n)]
+        seeds = [(self.seed * 1_000_003 + i) % 2 ** 31 for i in range(start, start + n)]
+        return [(s, self.frames, self.raw, text_only) for s in seeds]
 
     def take(self, n: int, text_only: bool = False) -> list[Prepared]:
         """The next ``n`` rows; with workers, the ``n`` after them are drawn meanwhile."""
@@ -499,7 +501,8 @@ def train(model, proc, minutes: float, batch: int, lr: float, aux: float, log, v
     ``probe`` x :func:`option_probe_loss`, on video rows ``align`` x the MSE of the projected video tokens to
     :func:`cell_targets`, ``attend`` x :func:`evidence_loss` and ``letter`` x the reply's letter token's
     cross-entropy (the option lookup after the content words, which the video tokens' word-like features
-    distract: one toy model named the right content for 87.5 % of validation clips and the right letter for 38 %). ``raw``: frames without the codec round trip;
+    distract: one toy model named the right content for 87.5 % of validation clips and the right letter for
+    38 %). ``raw``: frames without the codec round trip;
     ``workers``: processes drawing the rows; ``on_best()`` is called on each new best validation accuracy."""
     stream = RowStream(seed, frames, raw, workers)
     lm = model.model.language_model
@@ -653,7 +656,8 @@ def main() -> None:
             "from_llava": None if args.init else args.from_llava, "init": args.init, "minutes": args.minutes,
             "batch": args.batch, "warmup_minutes": args.warmup_minutes, "lr": args.lr, "aux": args.aux,
             "attend": args.attend, "probe": args.probe, "proj_lr": args.proj_lr, "align": args.align,
-            "letter": args.letter, "seed": args.seed, "train_seed": TRAIN_SEED + args.seed, "val_seed": VAL_SEED, "val_clips": args.val,
+            "letter": args.letter, "seed": args.seed, "train_seed": TRAIN_SEED + args.seed, "val_seed": VAL_SEED,
+            "val_clips": args.val,
             "val_accuracy": acc, "frames": args.frames, "raw_frames": args.raw_frames,
             "device": str(model.device), "workers": args.workers, "threads": args.threads,
             "post_prompt": POST_PROMPT,
@@ -662,7 +666,7 @@ def main() -> None:
     acc = train(model, proc, args.minutes, args.batch, args.lr, args.aux, log, val, args.val_every,
                 TRAIN_SEED + args.seed, warmup_minutes=args.warmup_minutes, attend=args.attend, probe=args.probe,
                 proj_lr=args.proj_lr, align=args.align, frames=args.frames, raw=args.raw_frames,
-                workers=args.workers, on_best=save, letter=args.letter)  # the best so far is on disk should the run be cut off
+                workers=args.workers, on_best=save, letter=args.letter)  # the best so far is on disk, in case
     model.eval()
     save(acc)
     log(f"saved to {out} (val {acc:.3f}, {(time.time() - t0) / 60:.1f} min)")
