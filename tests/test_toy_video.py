@@ -219,6 +219,8 @@ def test_rows_drawn_by_workers_equal_rows_drawn_in_process(converted):
     try:
         for text_only in (False, True):
             a, b = serial.take(3, text_only), parallel.take(3, text_only)
+            if not text_only:
+                video_rows = a
             assert [r.ids for r in a] == [r.ids for r in b] and [r.options for r in a] == [r.options for r in b]
             for x, y in zip(a, b):
                 assert (x.frames is None) == text_only == (y.frames is None)
@@ -226,6 +228,12 @@ def test_rows_drawn_by_workers_equal_rows_drawn_in_process(converted):
                     assert np.array_equal(x.frames, y.frames) and np.array_equal(x.coef, y.coef)
     finally:
         parallel.close()
+    # the evidence mask is drawn only when asked (the evidence loss): the same rows, all-False masks otherwise
+    with_evidence = RowStream(11, 4, raw=True, evidence=True).take(3)
+    assert [r.ids for r in with_evidence] == [r.ids for r in video_rows]
+    assert all(r.evidence.shape == (len(r.coef),) and not r.evidence.any() for r in video_rows)
+    assert all(r.evidence.shape == (len(r.coef),) for r in with_evidence)
+    assert any(r.evidence.any() for r in with_evidence) and not any(r.evidence[-1] for r in with_evidence)
     rows = serial.take(3)
     with torch.no_grad():
         samples = make_samples(model, proc, rows)

@@ -61,6 +61,7 @@ Seeds: train 4000+, validation 5000, test 3000 (the CLI's ShapesVideo test split
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import random
 import tempfile
@@ -278,28 +279,33 @@ class Prepared:
 _WORKER: dict = {}
 
 
-def prepare(job: tuple[int, int, bool, bool], proc=None) -> Prepared:
-    """Draw one row from ``job`` = (seed, frames, raw, text_only): a ShapesVideo clip of a random task and
-    duration (text-only: a short one, whose answer's words stand in for the video), its frames through the codec
-    (or raw, see :func:`decoded_clip`) and everything but the model's features."""
-    seed, frames, raw, text_only = job
-    proc = proc or _WORKER.setdefault("proc", build_llava_onevision_processor(IMAGE_SIZE, PATCH, NEXT_PINPOINTS))
+def prepare(job: tuple[int, int, bool, bool, bool], proc=None) -> Prepared:
+    """Draw one row from ``job`` = (seed, frames, raw, text_only, evidence): a ShapesVideo clip of a random task
+    and duration (text-only: a short one, whose answer's words stand in for the video), its frames through the
+    codec (or raw, see :func:`decoded_clip`) and everything but the model's features. ``evidence``: compute
+    :func:`evidence_mask` (only the evidence loss reads it; most of a row's cost), else an all-False mask."""
+    seed, frames, raw, text_only, evidence = job
+    if proc is None:
+        if "proc" not in _WORKER:
+            _WORKER["proc"] = build_llava_onevision_processor(IMAGE_SIZE, PATCH, NEXT_PINPOINTS)
+        proc = _WORKER["proc"]
     rng, gen = random.Random(seed), ShapesVideoGenerator(seed)
     task, duration = rng.choice(list(TASKS)), rng.choice(list(DURATIONS))
     if text_only:
-        clip, decoded, coef, evidence = gen.clip(task, "short"), None, None, torch.zeros(0, dtype=torch.bool)
+        clip, decoded, coef, mask = gen.clip(task, "short"), None, None, torch.zeros(0, dtype=torch.bool)
         n_video = 0
     else:
-        with tempfile.TemporaryDirectory() as folder:
-            clip, decoded, idx = decoded_clip(gen, task, duration, None if raw else folder, frames)
-        coef, evidence = cell_coefficients(clip, idx), evidence_mask(clip, idx)
+        with contextlib.nullcontext(None) if raw else tempfile.TemporaryDirectory() as folder:
+            clip, decoded, idx = decoded_clip(gen, task, duration, folder, frames)
+        coef = cell_coefficients(clip, idx)
         n_video = len(coef)
+        mask = evidence_mask(clip, idx) if evidence else torch.zeros(n_video, dtype=torch.bool)
     answer_text = _content(clip)
     ids, labels = encode(proc, clip, n_video, answer=True, video_text=answer_text if text_only else None,
                          content_first=CONTENT_FIRST)
     correct = LETTERS.index(clip.answer)
     clip.frames = []  # not needed any more; keeps the row small between processes
-    return Prepared(clip, decoded, coef, evidence, ids, labels, option_positions(ids, proc.tokenizer), correct,
+    return Prepared(clip, decoded, coef, mask, ids, labels, option_positions(ids, proc.tokenizer), correct,
                     CONTENTS.index(answer_text))
 
 
@@ -339,18 +345,19 @@ def make_samples(model, proc, preps: list[Prepared]) -> list[Sample]:
 
 class RowStream:
     """Prepared rows from seeded jobs (row ``i`` of a stream always gets the same seed), drawn by ``workers``
-    processes while the trainer works (0: in the trainer, when asked)."""
+    processes while the trainer works (0: in the trainer, when asked); ``evidence``: rows carry their
+    :func:`evidence_mask`."""
 
-    def __init__(self, seed: int, frames: int, raw: bool, workers: int = 0):
+    def __init__(self, seed: int, frames: int, raw: bool, workers: int = 0, evidence: bool = False):
         import multiprocessing as mp
 
-        self.seed, self.frames, self.raw, self.count = seed, frames, raw, 0
+        self.seed, self.frames, self.raw, self.evidence, self.count = seed, frames, raw, evidence, 0
         self.pool = mp.get_context("spawn").Pool(workers) if workers > 0 else None
         self.pending = None  # (first row, n, text_only, the rows being drawn)
 
-    def _jobs(self, start: int, n: int, text_only: bool) -> list[tuple[int, int, bool, bool]]:
+    def _jobs(self, start: int, n: int, text_only: bool) -> list[tuple[int, int, bool, bool, bool]]:
         seeds = [(self.seed * 1_000_003 + i) % 2 ** 31 for i in range(start, start + n)]
-        return [(s, self.frames, self.raw, text_only) for s in seeds]
+        return [(s, self.frames, self.raw, text_only, self.evidence) for s in seeds]
 
     def take(self, n: int, text_only: bool = False) -> list[Prepared]:
         """The next ``n`` rows; with workers, the ``n`` after them are drawn meanwhile."""
@@ -508,7 +515,7 @@ def train(model, proc, minutes: float, batch: int, lr: float, aux: float, log, v
     distract: one toy model named the right content for 87.5 % of validation clips and the right letter for
     38 %). ``raw``: frames without the codec round trip;
     ``workers``: processes drawing the rows; ``on_best()`` is called on each new best validation accuracy."""
-    stream = RowStream(seed, frames, raw, workers)
+    stream = RowStream(seed, frames, raw, workers, evidence=attend > 0)
     lm = model.model.language_model
     for p in model.parameters():
         p.requires_grad_(False)
@@ -537,7 +544,7 @@ def train(model, proc, minutes: float, batch: int, lr: float, aux: float, log, v
         if phase_minutes <= 0:
             continue
         if text_only:
-            text_val = make_samples(model, proc, [prepare((VAL_SEED + 1 + i, frames, True, True), proc)
+            text_val = make_samples(model, proc, [prepare((VAL_SEED + 1 + i, frames, True, True, False), proc)
                                                   for i in range(200)])
         # q/k of all layers but the first are captured only in the phase whose loss reads them
         capture = AnswerAttention(lm, tuple(range(1, n_layers))) if attend > 0 and not text_only else None
@@ -602,7 +609,7 @@ def train(model, proc, minutes: float, batch: int, lr: float, aux: float, log, v
 
 def validation_set(model, proc, n: int, frames: int = FRAMES, raw: bool = False) -> list[Sample]:
     """``n`` validation rows (seeded by VAL_SEED; never drawn in training)."""
-    return make_samples(model, proc, [prepare((VAL_SEED + i, frames, raw, False), proc) for i in range(n)])
+    return make_samples(model, proc, [prepare((VAL_SEED + i, frames, raw, False, False), proc) for i in range(n)])
 
 
 def main() -> None:
