@@ -38,7 +38,7 @@ The bundled ``toy-llava-onevision`` (ShapesVideo test split, 480 clips, 32 frame
         --init stage2 --warmup-minutes 0 --minutes 3.4 --lr 5e-4 --proj-lr 5e-4 --letter 3 --val-every 150 \
         --out toy-llava-onevision
 
-Validation (96 clips): letters 83 % on text rows after 634 steps; video 39.6 % after stage 1's 1,238 steps,
+Validation (96 clips): letters 83 % on text rows at step 600 (of 634); video 39.6 % after stage 1's 1,238 steps,
 71.9 % after stage 2's 1,346, 81.2 % in stage 3 (logs next to the weights). The stages drew their rows from
 ``random.Random(4000)``; rows are now seeded by their index, so that worker and in-process draws agree: a rerun
 sees other clips of the same distribution. Stage 1 showed why the letter weight:
