@@ -21,10 +21,10 @@ def converted():
 
 
 def test_conversion_keeps_the_llava_weights(converted):
-    from transformers import AutoModelForImageTextToText
+    from vtc.zoo.models import load_model
 
     model, proc = converted
-    src = AutoModelForImageTextToText.from_pretrained(TOY_LLAVA)
+    src = load_model(TOY_LLAVA)[0]
     s = src.state_dict()
     for k, v in model.state_dict().items():
         if k == "model.image_newline":

@@ -8,7 +8,7 @@ from typing import Any, Iterator
 import torch
 import torch.nn as nn
 
-from .adapters import Adapter, find_adapter
+from .adapters import Adapter, find_adapter, hf
 from .methods.base import Method
 from .registry import METHODS, available_methods
 from .runtime import CallStats, Runtime
@@ -28,6 +28,13 @@ class Patch:
     @property
     def stats(self) -> list[CallStats]:
         return list(self.runtime.stats)
+
+    @property
+    def events(self) -> dict[str, int]:
+        """How often each of vtc's hooks did its work since patching (e.g. ``llm_input.prefill_gather``,
+        ``llm_input.decode``: decode masks re-mapped to the pruned cache; ``llm_layer.prune``,
+        ``llm_layer.decode``): evidence that the hooks ran, for tests and debugging."""
+        return dict(self.runtime.events)
 
     @property
     def sync_timing(self) -> bool:
@@ -113,6 +120,8 @@ def patch(
             f"model is already patched with method {active.method.name!r}; call vtc.unpatch(model) first"
         )
     adapter_cls = find_adapter(model)
+    hf.check_not_kernelized(model)
+    hf.warn_if_untested()
     m = _build_method(method, ratio, tokens, hyperparameters)
     gen_cfg = getattr(model, "generation_config", None)
     if getattr(gen_cfg, "prefill_chunk_size", None):

@@ -5,7 +5,7 @@ Adapters talk to a :class:`Runtime`, never to a method directly, so a new method
 from __future__ import annotations
 
 import time
-from collections import deque
+from collections import Counter, deque
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
@@ -52,6 +52,8 @@ class Runtime:
         self.last_keep: list[torch.Tensor] = []
         #: per image layouts of the most recent multi-view (AnyRes) call, aligned with ``last_keep``
         self.last_layouts: list[ViewLayout] = []
+        #: how often each hook did its work ("llm_input.decode", "llm_layer.prune", ...): proof that it ran
+        self.events: Counter[str] = Counter()
 
     # ----- what the adapter asks
     def score_requests(self) -> list[ScoreRequest]:

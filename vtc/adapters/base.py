@@ -98,7 +98,7 @@ class Adapter:
         self.call: ForwardCall | None = None
         self.keeps = KeepRegistry()
         self._hook(self.base.register_forward_hook(self._end_call, with_kwargs=True))
-        self.pruner = LLMInputPruner(language_model, self._keep_for_lm, runtime)
+        self.pruner = LLMInputPruner(language_model, self._keep_for_lm, runtime, on_pruned=self._on_prefill_pruned)
         self.pruner.install(self._hook)
         self.layer_pruner = None
         if "llm_layer" in runtime.method.sites:
@@ -108,6 +108,9 @@ class Adapter:
 
     def check_layer_plan(self, plan: dict[int, str]) -> None:
         """Raise ValueError if this family cannot prune after the planned decoder layers."""
+
+    def _on_prefill_pruned(self, full_len: int, kept_len: int) -> None:
+        """A prefill dropped rows (full_len -> kept_len columns): families with position state to shift act here."""
 
     def remove(self) -> None:
         for h in reversed(self._handles):

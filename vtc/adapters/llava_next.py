@@ -25,6 +25,7 @@ import torch.nn as nn
 from ..runtime import Runtime
 from ..sites import ViewLayout
 from .base import register_adapter
+from .hf import llava_next_helpers
 from .llava import LlavaAdapter, _VisionScratch
 
 
@@ -75,8 +76,7 @@ class LlavaNextAdapter(LlavaAdapter):
 
     # ------------------------------------------------------------------ packing
     def _crops_per_image(self, bound: dict[str, Any]) -> list[int]:
-        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
-
+        image_size_to_num_patches = llava_next_helpers()[0]
         cfg = self.base.config
         return [image_size_to_num_patches(image_size=s, grid_pinpoints=cfg.image_grid_pinpoints,
                                           patch_size=cfg.vision_config.image_size) for s in bound["image_sizes"]]
@@ -98,8 +98,7 @@ class LlavaNextAdapter(LlavaAdapter):
     def _layout(self, n_crops: int, size: torch.Tensor, pack) -> ViewLayout:
         """Push (is-thumbnail, row, col) maps through ``pack``; the crop of each packed token follows from its
         canvas cell (rounded where the model resized the canvas), separators come out as -1."""
-        from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape
-
+        get_anyres_image_grid_shape = llava_next_helpers()[1]
         cfg = self.base.config
         h, w = self.grid
         nph, npw = get_anyres_image_grid_shape(size[0], cfg.image_grid_pinpoints, cfg.vision_config.image_size) \

@@ -1,5 +1,6 @@
 """The ``llm_input`` site, shared by every family whose language model takes
-``(inputs_embeds, attention_mask, position_ids, past_key_values)`` as keyword arguments.
+``(inputs_embeds, attention_mask, position_ids, cache)`` as keyword arguments (the cache keyword is read under
+either of its names, see :mod:`vtc.adapters.hf`).
 
 At prefill it drops pruned rows from ``inputs_embeds`` (kept rows keep their original, possibly 3-D M-RoPE,
 positions; rows keeping different counts are left re-padded) and always passes an explicit 2-D mask, so
@@ -18,6 +19,7 @@ import torch.nn as nn
 
 from ..core.batch import gather_rows, left_repad_index, scatter_rows
 from ..runtime import Runtime
+from .hf import cache_of, output_cache, seq_length
 
 #: called at prefill with the LM kwargs; returns (keep (B, L) bool, is_visual (B, L) bool) or None
 KeepFn = Callable[[dict[str, Any]], "tuple[torch.Tensor, torch.Tensor] | None"]
@@ -34,12 +36,15 @@ class LLMInputPruner:
     """Prefill/decode rewrite of the language model's inputs for one patched model."""
 
     def __init__(self, language_model: nn.Module, keep_fn: KeepFn, runtime: Runtime,
-                 on_prefill_visual: Callable[[dict[str, Any]], None] | None = None):
+                 on_pruned: Callable[[int, int], None] | None = None):
         self.lm = language_model
+        #: called after a prefill dropped rows, with (full length, kept length): family-specific state to shift
+        self.on_pruned = on_pruned
         self.keep_fn = keep_fn
         self.runtime = runtime
         self._decode: "weakref.WeakKeyDictionary[Any, _DecodeState]" = weakref.WeakKeyDictionary()
         self._restore: tuple[torch.Tensor, torch.Tensor, int] | None = None
+        self._pending: _DecodeState | None = None  # state of this prefill, registered for the cache it fills
         #: visual mask (B, L) of the LM input at the current prefill (after any gather), else None
         self.prefill_visual: torch.Tensor | None = None
         self.last_stats = None
@@ -59,13 +64,21 @@ class LLMInputPruner:
         embeds = kwargs.get("inputs_embeds")
         if embeds is None:
             return None
-        cache = kwargs.get("past_key_values")
-        past = cache.get_seq_length() if cache is not None else 0
+        cache = cache_of(kwargs)
+        past = seq_length(cache)
         self.prefill_visual = None
         self.last_stats = None
+        self._pending = None
         if past == 0:
-            return args, self._prefill(kwargs, cache)
+            out = self._prefill(kwargs)
+        else:
+            out = self._decode_call(kwargs, cache, past)
+        check_mask_length(out, past)
+        return (args, out) if out is not kwargs else None
+
+    def _decode_call(self, kwargs: dict[str, Any], cache: Any, past: int) -> dict[str, Any]:
         state = self._decode.get(cache)
+        embeds = kwargs["inputs_embeds"]
         if embeds.shape[1] > 1:
             keep = self.keep_fn(kwargs)
             if keep is not None and keep[1].any():
@@ -75,11 +88,19 @@ class LLMInputPruner:
                     "whole conversation in one prefill (it is re-compressed each turn)."
                 )
         if state is None:
-            return None
+            return kwargs
         with self.runtime.timed():
-            return args, self._decode_step(kwargs, state, past)
+            out = self._decode_step(kwargs, state, past)
+        self.runtime.events["llm_input.decode"] += 1
+        return out
 
     def _post(self, module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any):
+        pending, self._pending = self._pending, None
+        if pending is not None:  # the model may have created the cache itself, after this pre-hook
+            cache = output_cache(output)
+            if cache is not None:
+                self._decode[cache] = pending
+                self.runtime.events["llm_input.cache_registered"] += 1
         restore, self._restore = self._restore, None
         if restore is None:
             return None
@@ -89,7 +110,7 @@ class LLMInputPruner:
         return output
 
     # ------------------------------------------------------------------ prefill
-    def _prefill(self, kwargs: dict[str, Any], cache: Any) -> dict[str, Any]:
+    def _prefill(self, kwargs: dict[str, Any]) -> dict[str, Any]:
         with self.runtime.timed():
             res = self.keep_fn(kwargs)
         if res is None:
@@ -106,13 +127,16 @@ class LLMInputPruner:
                 out = kwargs  # nothing dropped: leave every input untouched (exact identity)
                 self.prefill_visual = visual
             else:
-                out = self._gather(kwargs, keep, cache)
+                out = self._gather(kwargs, keep)
+                self.runtime.events["llm_input.prefill_gather"] += 1
                 index, valid, _ = self._restore
                 self.prefill_visual = visual.gather(1, index) & valid
+                if self.on_pruned is not None:
+                    self.on_pruned(keep.shape[1], index.shape[1])
         self.last_stats = self.runtime.record(before, after)
         return out
 
-    def _gather(self, kwargs: dict[str, Any], keep: torch.Tensor, cache: Any) -> dict[str, Any]:
+    def _gather(self, kwargs: dict[str, Any], keep: torch.Tensor) -> dict[str, Any]:
         embeds = kwargs["inputs_embeds"]
         b, length = keep.shape
         index, valid = left_repad_index(keep)
@@ -139,8 +163,7 @@ class LLMInputPruner:
             if kwargs.get("deepstack_visual_embeds") is not None:
                 out["deepstack_visual_embeds"] = [d[keep_flat.to(d.device)] for d in kwargs["deepstack_visual_embeds"]]
 
-        if cache is not None:
-            self._decode[cache] = _DecodeState(mask_kept, length, index.shape[1])
+        self._pending = _DecodeState(mask_kept, length, index.shape[1])
         self._restore = (index, valid, length)
         return out
 
@@ -184,3 +207,19 @@ def gather_positions(pos: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         r = pos.shape[0]
         return pos.expand(r, b, -1).gather(2, index.unsqueeze(0).expand(r, b, lk))
     raise ValueError(f"unsupported position_ids shape {tuple(pos.shape)}")
+
+
+def check_mask_length(kwargs: dict[str, Any], past: int) -> None:
+    """Refuse a 2-D attention mask longer than the keys the model will attend to: transformers silently reads only
+    its first columns, which is wrong for any row whose cache vtc shortened. Happens when vtc cannot find the
+    cache it pruned (e.g. a renamed cache keyword) or when a caller hands over a full-length mask by hand."""
+    mask = kwargs.get("attention_mask")
+    if not (isinstance(mask, torch.Tensor) and mask.dim() == 2):
+        return
+    total = past + kwargs["inputs_embeds"].shape[1]
+    if mask.shape[1] > total:
+        raise RuntimeError(
+            f"vtc: the language model got a {mask.shape[1]}-column attention mask for {total} keys ({past} cached + "
+            f"{total - past} new); vtc found no compressed prefill for this cache (looked for the keywords "
+            "'cache' and 'past_key_values'), and transformers would silently truncate the mask"
+        )

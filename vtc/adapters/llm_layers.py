@@ -14,7 +14,6 @@ decided once, on the prompt, in both modes.
 """
 from __future__ import annotations
 
-import sys
 import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -25,6 +24,7 @@ import torch.nn as nn
 from ..core.batch import gather_rows, left_repad_index, scatter_rows
 from ..runtime import Runtime
 from ..sites import LLMLayerInput
+from .hf import cache_of, module_function, output_cache, seq_length
 from .llm_input import LLMInputPruner, gather_positions
 
 
@@ -69,9 +69,7 @@ class LLMLayerPruner:
         self._decode: "weakref.WeakKeyDictionary[Any, dict[int, tuple[torch.Tensor, torch.Tensor, int]]]" = (
             weakref.WeakKeyDictionary())
         attn = self.layers[0].self_attn
-        self.rope = getattr(sys.modules[type(attn).__module__], "apply_rotary_pos_emb", None)
-        if self.plan and self.rope is None:
-            raise ValueError(f"vtc cannot find apply_rotary_pos_emb for {type(attn).__name__}")
+        self.rope = module_function(attn, "apply_rotary_pos_emb", required=bool(self.plan))
 
     def install(self, add: Callable[[Any], None]) -> None:
         if not self.plan:
@@ -92,8 +90,7 @@ class LLMLayerPruner:
 
     # ------------------------------------------------------------------ prefill context
     def _lm_pre(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]):
-        cache = kwargs.get("past_key_values")
-        past = cache.get_seq_length() if cache is not None else 0
+        past = seq_length(cache_of(kwargs))
         self.ctx = None
         if past > 0 or self.inputs.prefill_visual is None:
             return None
@@ -112,14 +109,15 @@ class LLMLayerPruner:
             self.ctx.frozen = {i: torch.cat([d, ones], 1) for i, d in mem.decisions.items()}
         else:
             self.memory = _Memory(embeds.detach().clone(), self.ctx.decisions)
-        self.ctx.captured["cache"] = cache
         return None
 
     def _lm_post(self, module: nn.Module, args: tuple, output: Any):
         ctx, self.ctx = self.ctx, None
-        if ctx is not None and ctx.pruned and ctx.captured.get("cache") is not None:
+        cache = output_cache(output)  # the model may have created it after the pre-hook
+        if ctx is not None and ctx.pruned and cache is not None:
             lk = ctx.allowed_in.shape[1]
-            self._decode[ctx.captured["cache"]] = {j: (ix, va, lk) for j, (ix, va) in ctx.layouts.items()}
+            self._decode[cache] = {j: (ix, va, lk) for j, (ix, va) in ctx.layouts.items()}
+            self.rt.events["llm_layer.cache_registered"] += 1
         return None
 
     # ------------------------------------------------------------------ layer hooks
@@ -135,12 +133,14 @@ class LLMLayerPruner:
                     return None
                 with self.rt.timed():
                     return args, self._rewrite_prefill(ctx, kwargs)
-            cache = kwargs.get("past_key_values")
+            cache = cache_of(kwargs)
             state = self._decode.get(cache) if cache is not None else None
             if state is None or j not in state:
                 return None
             with self.rt.timed():
-                return args, self._rewrite_decode(state[j], kwargs)
+                out = self._rewrite_decode(state[j], kwargs)
+            self.rt.events["llm_layer.decode"] += 1
+            return args, out
         return hook
 
     def _capture_inputs(self, ctx: _Prefill, kwargs: dict[str, Any]) -> None:
@@ -195,10 +195,9 @@ class LLMLayerPruner:
         if mask is None:
             if bool(valid.all()):
                 return kwargs
-            cache = kwargs["past_key_values"]
             q = (kwargs.get("hidden_states") if "hidden_states" in kwargs else None)
             q_len = q.shape[1] if q is not None else 1
-            total_new = cache.get_seq_length() + q_len - lk
+            total_new = seq_length(cache_of(kwargs)) + q_len - lk
             new = torch.ones(total_new, dtype=torch.bool, device=valid.device).expand(b, total_new)
             cols = torch.cat([valid, new], 1)[:, None, None, :].expand(b, 1, q_len, lc + total_new).clone()
             if q_len > 1:
@@ -258,6 +257,7 @@ class LLMLayerPruner:
         ctx.valid = valid
         ctx.visual = ctx.visual.gather(1, idx) & valid
         ctx.pruned = True
+        self.rt.events["llm_layer.prune"] += 1
         for j in range(i + 1, len(self.layers)):
             ctx.layouts[j] = (ctx.index, ctx.valid)
         st = self.inputs.last_stats

@@ -8,14 +8,13 @@ Sites:
   projection (any backend), per attention segment (``cu_seqlens``: one per frame), averaged over each
   merge unit; on Qwen2.5 they are taken from a full-attention block and un-permuted from window order.
 - ``llm_input`` / ``llm_layer``: the shared LM rewrites; kept tokens keep their original 4xBxL M-RoPE
-  positions. A hand-written decode loop without ``attention_mask``/``position_ids`` gets a full-length mask,
-  so the model derives the same positions as without pruning.
+  positions. After a pruned prefill ``rope_deltas`` is shifted by the removed columns, so a hand-written decode
+  loop that passes no ``position_ids`` continues at the same positions as without pruning.
 """
 from __future__ import annotations
 
 import functools
 import inspect
-import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +25,7 @@ from ..core.scores import attention_received
 from ..runtime import Runtime
 from ..sites import VisionInfo
 from .base import Adapter, register_adapter
+from .hf import module_function, qwen_window_index
 
 
 @dataclass
@@ -57,8 +57,7 @@ class QwenVLAdapter(Adapter):
         self._info = VisionInfo(num_layers=len(self.blocks), feature_layer=len(self.blocks) - 1, has_cls=False,
                                 grid=None, llm_layers=len(self.base.language_model.layers),
                                 llm_type=getattr(cfg.text_config, "model_type", ""), score_layer=score_layer)
-        attn_mod = sys.modules[type(self.blocks[0].attn).__module__]
-        self._rope = attn_mod.apply_rotary_pos_emb_vision
+        self._rope = module_function(self.blocks[0].attn, "apply_rotary_pos_emb_vision")
 
     def vision_info(self) -> VisionInfo:
         return self._info
@@ -157,11 +156,8 @@ class QwenVLAdapter(Adapter):
 
     def _window_index(self, grid: torch.Tensor) -> torch.Tensor:
         """Qwen2.5's merge-unit permutation into window order (the same helper the tower calls)."""
-        from transformers.vision_utils import get_vision_window_index
-
         v = self.visual
-        return get_vision_window_index(grid, spatial_merge_size=v.spatial_merge_size, window_size=v.window_size,
-                                       patch_size=v.patch_size)[0]
+        return qwen_window_index(grid, v.spatial_merge_size, v.window_size, v.patch_size)
 
     def _compress(self, feats: list[torch.Tensor], grid: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         scores = self._scores_in_token_order(grid)
@@ -193,14 +189,20 @@ class QwenVLAdapter(Adapter):
             self._begin_call(kwargs, {})
             return None
         self._begin_call(kwargs, {"image": input_ids == self.image_token_id, "video": input_ids == self.video_token_id})
-        cache = kwargs.get("past_key_values")
-        if (cache is not None and kwargs.get("position_ids") is None and kwargs.get("attention_mask") is None
-                and cache.get_seq_length() > 0):
-            st = self.pruner.decode_state(cache)
-            if st is not None:  # hand-written decode loop: let the model derive positions from a full-length mask
-                q = input_ids.shape[1]
-                full = cache.get_seq_length() + st.full_len - st.kept_len + q
-                new = dict(kwargs)
-                new["attention_mask"] = torch.ones(input_ids.shape[0], full, dtype=torch.long, device=input_ids.device)
-                return args, new
         return None
+
+    def _on_prefill_pruned(self, full_len: int, kept_len: int) -> None:
+        """Shift ``rope_deltas`` by the columns pruning removed, so a forward call that passes no ``position_ids``
+        after this prefill (a hand-written decode loop: the model derives them as cache length + rope_deltas)
+        continues at the unpruned positions. generate() passes positions and never reads it. A shift this hook
+        made before and that no new prompt has recomputed since is replaced, not added to."""
+        deltas = getattr(self.base, "rope_deltas", None)
+        if deltas is None:
+            return
+        last = getattr(self, "_rope_shift", None)
+        if last is not None and deltas is last[0]:
+            deltas = deltas - last[1]
+        shifted = deltas + (full_len - kept_len)
+        self.base.rope_deltas = shifted
+        self._rope_shift = (shifted, full_len - kept_len)
+        self.rt.events["qwen.rope_deltas"] += 1

@@ -20,13 +20,15 @@ def load_model(path: str | Path, device: str = "cpu", dtype: torch.dtype | None 
     ``path`` may also be the name of a bundled toy model (:data:`TOYS`)."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
+    from ..adapters.hf import LOAD_KWARGS
+
     if str(path) in TOYS:
         path = CHECKPOINTS / str(path)
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no checkpoint at {path}; pass a local folder saved with save_pretrained")
     model = AutoModelForImageTextToText.from_pretrained(
-        path, dtype=dtype or torch.float32, attn_implementation=attn, local_files_only=True
+        path, dtype=dtype or torch.float32, attn_implementation=attn, local_files_only=True, **LOAD_KWARGS
     ).to(device).eval()
     processor = AutoProcessor.from_pretrained(path, local_files_only=True)
     return model, processor

@@ -182,8 +182,9 @@ class Family:
         return Qwen2VLForConditionalGeneration(toy_qwen_config(self.tok))
 
     def load(self, path):
+        from ..adapters.hf import LOAD_KWARGS
         from transformers import AutoModelForImageTextToText
-        return AutoModelForImageTextToText.from_pretrained(path)
+        return AutoModelForImageTextToText.from_pretrained(path, **LOAD_KWARGS)
 
     def image_segment(self, model) -> list[int]:
         if self.name in ("llava", "llava-next"):

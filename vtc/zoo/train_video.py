@@ -647,9 +647,10 @@ def main() -> None:
     log = run_log(out)
 
     if args.init:
+        from ..adapters.hf import LOAD_KWARGS
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
-        model = AutoModelForImageTextToText.from_pretrained(args.init)
+        model = AutoModelForImageTextToText.from_pretrained(args.init, **LOAD_KWARGS)
         proc = AutoProcessor.from_pretrained(args.init)
     else:
         proc = build_llava_onevision_processor(IMAGE_SIZE, PATCH, NEXT_PINPOINTS)
