@@ -62,3 +62,17 @@ class ScoreRecorder(Method):
     def select_views(self, visual):
         self.seen.append((visual.layout, visual.scores[(self.kind, self.layer)].clone()))
         return Selection(torch.arange(visual.layout.view.numel()))
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _vtc_cache(tmp_path_factory):
+    """Generated benchmark splits go to a per-session folder, not the user's ~/.cache/vtc (subprocesses inherit)."""
+    import os
+
+    old = os.environ.get("VTC_CACHE")
+    os.environ["VTC_CACHE"] = str(tmp_path_factory.mktemp("vtc-cache"))
+    yield
+    if old is None:
+        os.environ.pop("VTC_CACHE", None)
+    else:
+        os.environ["VTC_CACHE"] = old

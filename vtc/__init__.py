@@ -4,9 +4,9 @@
     vtc.patch(model, method="cls", ratio=0.25)
     model.generate(**inputs)
 """
-from .api import Patch, get_patch, patch, patched, unpatch
+from .api import Patch, build_method, get_patch, patch, patched, unpatch
 from .registry import available_methods, register_method
 from .runtime import CallStats
 
 __version__ = "0.1.0"
-__all__ = ["patch", "unpatch", "patched", "get_patch", "available_methods", "register_method", "Patch", "CallStats"]
+__all__ = ["patch", "unpatch", "patched", "get_patch", "build_method", "available_methods", "register_method", "Patch", "CallStats"]

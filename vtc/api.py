@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from contextlib import contextmanager
 from typing import Any, Iterator
 
@@ -10,14 +11,18 @@ import torch.nn as nn
 
 from .adapters import Adapter, find_adapter, hf
 from .methods.base import Method
+from .hook_owner import HookOwner, patched_modules
 from .registry import METHODS, available_methods
 from .runtime import CallStats, Runtime
 
 _STATE_ATTR = "_vtc_patch"
 
 
-class Patch:
-    """Handle returned by :func:`patch`. ``stats`` holds one :class:`CallStats` per compressed forward pass."""
+class Patch(HookOwner):
+    """Handle returned by :func:`patch`. ``stats`` holds one :class:`CallStats` per compressed forward pass.
+
+    ``copy.deepcopy(model)`` of a patched model gives an independently patched copy (its own handle, hooks and
+    state); pickling a patched model raises a TypeError that says to unpatch first."""
 
     def __init__(self, model: nn.Module, method: Method, adapter: Adapter, runtime: Runtime):
         self.model = model
@@ -45,15 +50,22 @@ class Patch:
     @sync_timing.setter
     def sync_timing(self, on: bool) -> None:
         device = next(self.model.parameters()).device
-        self.runtime.sync = (lambda: torch.cuda.synchronize(device)) if on and device.type == "cuda" else None
+        self.runtime.sync = functools.partial(torch.cuda.synchronize, device) if on and device.type == "cuda" else None
 
     def last_kept(self) -> list:
         """Per image (N,) boolean keep masks of the most recent compressed images (raster order)."""
         return list(self.runtime.last_keep)
 
+    @property
+    def active(self) -> bool:
+        """Whether this handle's hooks are still on the model (False after unpatch, or for a stale handle)."""
+        return getattr(self.model, _STATE_ATTR, None) is self
+
     def remove(self) -> None:
-        """Same as ``vtc.unpatch(model)``."""
-        unpatch(self.model)
+        """Unpatch the model if this handle is still its active patch; a stale handle (the model was unpatched,
+        and perhaps patched again since) does nothing, so it never removes a newer patch."""
+        if self.active:
+            unpatch(self.model)
 
     def __enter__(self) -> "Patch":
         return self
@@ -83,6 +95,20 @@ def _build_method(method: str | Method, ratio: float | None, tokens: int | None,
         allowed = sorted(names - {"ratio", "tokens"})
         raise TypeError(f"method {method!r} got unknown hyperparameter(s) {unknown}; allowed: {allowed}")
     return cls(ratio=ratio, tokens=tokens, **hyper)
+
+
+def build_method(method: str | Method, ratio: float | None = None, tokens: int | None = None,
+                 **hyperparameters: Any) -> Method:
+    """The validated :class:`Method` that ``vtc.patch(model, method, ratio=..., tokens=..., **hyperparameters)``
+    would install, without a model: checks the name, the budget and every hyperparameter (the same errors as
+    ``patch``), so scripts and the CLI can refuse bad settings before loading a model."""
+    return _build_method(method, ratio, tokens, hyperparameters)
+
+
+def describe_method(m: Method) -> dict[str, Any]:
+    """A method's name and every hyperparameter (defaults included), for run records."""
+    fields = {f.name: getattr(m, f.name) for f in dataclasses.fields(m)} if dataclasses.is_dataclass(m) else {}
+    return {"name": m.name, **fields}
 
 
 def _check_budget(name: str, rule: str, ratio: float | None, tokens: int | None) -> None:
@@ -120,6 +146,7 @@ def patch(
             f"model is already patched with method {active.method.name!r}; call vtc.unpatch(model) first"
         )
     adapter_cls = find_adapter(model)
+    _check_no_nested_patch(model)
     hf.check_not_kernelized(model)
     hf.warn_if_untested()
     m = _build_method(method, ratio, tokens, hyperparameters)
@@ -141,6 +168,17 @@ def patch(
     handle = Patch(model, m, adapter, runtime)
     object.__setattr__(model, _STATE_ATTR, handle)
     return handle
+
+
+def _check_no_nested_patch(model: nn.Module) -> None:
+    """Refuse a model that holds vtc hooks already: a patched sub-model, or a sub-module of a patched parent."""
+    names = patched_modules(model)
+    if names:
+        where = ", ".join(f"model.{n}" if n else "the model itself" for n in names[:3])
+        raise RuntimeError(
+            f"vtc hooks are already installed on {where}: a sub-model of this model, or a parent model it belongs "
+            "to, is patched. Patch one model once: call vtc.unpatch(...) on the patched one first"
+        )
 
 
 def unpatch(model: nn.Module) -> None:
@@ -168,4 +206,5 @@ def patched(model: nn.Module, method: str | Method = "cls", ratio: float | None 
         unpatch(model)
 
 
-__all__ = ["Patch", "patch", "unpatch", "patched", "get_patch", "available_methods"]
+__all__ = ["Patch", "patch", "unpatch", "patched", "get_patch", "available_methods", "build_method",
+           "describe_method"]

@@ -1,13 +1,113 @@
-"""The ``vtc`` command: ``vtc eval mme|videomme|sweep``, ``vtc data shapes-mme|shapes-video``, ``vtc methods``."""
+"""The ``vtc`` command: ``vtc eval mme|videomme|sweep``, ``vtc data shapes-mme|shapes-video``, ``vtc methods``.
+
+Everything a user can get wrong (method, budget, hyperparameters, sizes, data, model folder) is checked before a
+model loads, so a sweep fails in its first second; a user error prints one line (what was wrong, what is allowed)
+and exits 2. Tracebacks only with ``--debug`` or for real bugs.
+"""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
+from typing import Iterator
+
+from .eval.run_store import RunError
 
 TEST_SEED = 3000  # ShapesMME / ShapesVideo test split; training uses 1000+, validation 2000
+
+
+class UserError(Exception):
+    """Something the user passed is wrong: printed as one line, exit status 2."""
+
+
+def _int_at_least(low: int, meaning: str = ""):
+    """An argparse type: an integer >= ``low``."""
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if v < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}{meaning}; got {v}")
+        return v
+    return parse
+
+
+_positive_int = _int_at_least(1)
+_nonnegative_int = _int_at_least(0, " (0: all)")
+
+
+def _ratio(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0.0 < v <= 1.0:
+        raise argparse.ArgumentTypeError(f"ratio {text} is outside (0, 1] (the fraction of visual tokens kept)")
+    return v
+
+
+def _ratios(text: str) -> list[float]:
+    return [_ratio(x.strip()) for x in text.split(",") if x.strip()] or [_ratio(text)]
+
+
+def _methods(text: str) -> list[str]:
+    return [m.strip() for m in text.split(",") if m.strip()]
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("VTC_CACHE") or Path.home() / ".cache" / "vtc")
+
+
+def _cached_split(name: str, write) -> Path:
+    """A generated split under the vtc cache (``$VTC_CACHE``, default ``~/.cache/vtc``), written once: later runs
+    reuse it instead of leaving a new folder in /tmp each time. Written to a temporary sibling, then renamed."""
+    root = _cache_dir() / "data"
+    final = root / name
+    if (final / ".complete").exists():
+        return final
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=root))
+    try:
+        write(tmp)
+        (tmp / ".complete").write_text("ok\n")
+        try:
+            tmp.rename(final)
+        except OSError:  # another run finished it first
+            pass
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def _check_model_path(name: str | None) -> None:
+    """A --model that is not a bundled toy must be a folder with a config.json of a supported VLM class."""
+    from .adapters import ADAPTERS
+    from .zoo.models import TOYS
+
+    if name is None or name in TOYS:
+        return
+    path = Path(name)
+    if not path.is_dir():
+        raise UserError(f"--model {name}: no such folder; pass a local checkpoint folder (save_pretrained layout) "
+                        f"or one of {', '.join(TOYS)}")
+    cfg_file = path / "config.json"
+    if not cfg_file.exists():
+        raise UserError(f"--model {name}: the folder has no config.json (not a transformers checkpoint)")
+    try:
+        cfg = json.loads(cfg_file.read_text())
+    except ValueError as e:
+        raise UserError(f"--model {name}: config.json is not valid JSON ({e})") from None
+    supported = sorted({n for a in ADAPTERS for n in a.model_classes if n.endswith("ForConditionalGeneration")})
+    archs = cfg.get("architectures") or []
+    if archs and not any(a in supported for a in archs):
+        raise UserError(f"--model {name}: a {', '.join(archs)} checkpoint; vtc evaluates vision-language models: "
+                        f"{', '.join(supported)}")
 
 
 def _is_video(args) -> bool:
@@ -19,8 +119,16 @@ def _load(args):
 
     if args.model:
         model, proc = load_model(args.model, args.device)
-        return model, proc, args.model
-    return (default_video_model if _is_video(args) else default_model)(args.device)
+        label = args.model
+    else:
+        model, proc, label = (default_video_model if _is_video(args) else default_model)(args.device)
+    from .adapters import find_adapter
+
+    try:
+        find_adapter(model)
+    except TypeError as e:
+        raise UserError(f"--model {args.model}: {e}") from None
+    return model, proc, label
 
 
 def _token_counts(res: dict) -> list:
@@ -31,43 +139,50 @@ def _token_counts(res: dict) -> list:
 def _records(args):
     from .eval.mme_data import load_mme, write_shapes_mme
 
+    """The evaluation records, checked (gold answers, options, images / videos decode) before any model loads."""
     if _is_video(args):
-        from .eval.videomme_data import load_videomme, write_shapes_video
+        from .eval.videomme_data import check_videos, load_videomme, write_shapes_video
 
-        if not args.data:
-            args.data = write_shapes_video(tempfile.mkdtemp(prefix="shapes-video-"), TEST_SEED, args.per_category)
-        recs = load_videomme(args.data)
-        return recs[: args.limit] if args.limit else recs
+        data = args.data or _cached_split(f"shapes-video-s{TEST_SEED}-n{args.per_category}",
+                                          lambda d: write_shapes_video(d, TEST_SEED, args.per_category))
+        recs = load_videomme(data)
+        recs = recs[: args.limit] if args.limit else recs
+        return check_videos(recs)
+    from .eval.mme_data import check_records
+
     if args.data:
         recs = load_mme(args.data)
     else:
-        tmp = Path(tempfile.mkdtemp(prefix="shapes-mme-"))
-        write_shapes_mme(tmp, TEST_SEED, args.per_category, canvas=args.canvas)
-        recs = load_mme(tmp / "mme.parquet")
+        data = _cached_split(f"shapes-mme-s{TEST_SEED}-n{args.per_category}-c{args.canvas}",
+                             lambda d: write_shapes_mme(d, TEST_SEED, args.per_category, canvas=args.canvas))
+        recs = load_mme(data / "mme.parquet")
     if args.limit:
         # keep whole images (both questions) so scoring stays valid
-        keep_ids = list(dict.fromkeys(r.question_id for r in recs))[: args.limit]
-        recs = [r for r in recs if r.question_id in set(keep_ids)]
-    return recs
+        keep_ids = set(list(dict.fromkeys(r.question_id for r in recs))[: args.limit])
+        recs = [r for r in recs if r.question_id in keep_ids]
+    return check_records(recs, args.data or "ShapesMME")
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", help="local checkpoint folder, or toy-llava / toy-qwen2-vl / toy-llava-next "
-                   "(default: the bundled toy LLaVA; for Video-MME the default video model, see README)")
+    p.add_argument("--model", help="local checkpoint folder, or a bundled toy: toy-llava / toy-qwen2-vl / "
+                   "toy-llava-next / toy-llava-onevision (default: toy-llava; for Video-MME toy-llava-onevision)")
     p.add_argument("--data", help="MME: parquet file/folder or MME_Benchmark folder; Video-MME: records "
                    "(parquet/JSON) with data/<videoID>.mp4 (default: the ShapesMME / ShapesVideo test split)")
-    p.add_argument("--per-category", type=int, default=40,
+    p.add_argument("--per-category", type=_positive_int, default=40,
                    help="when generating: ShapesMME images per category / ShapesVideo clips per task x duration")
-    p.add_argument("--limit", type=int, default=0,
+    p.add_argument("--limit", type=_nonnegative_int, default=0,
                    help="evaluate only the first N images (MME) / questions (Video-MME)")
-    p.add_argument("--frames", type=int, default=32, help="Video-MME: frames sampled uniformly per video")
-    p.add_argument("--canvas", type=int, default=112,
+    p.add_argument("--frames", type=_positive_int, default=32, help="Video-MME: frames sampled uniformly per video")
+    p.add_argument("--canvas", type=_positive_int, default=112,
                    help="when generating ShapesMME: image side in px (224: the high-resolution split of the toy NeXT)")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=_positive_int, default=8)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--out", help="output folder (predictions.jsonl, results.json); reused to resume")
-    p.add_argument("--max-new-tokens", type=int, default=16, help="greedy generation length (lmms-eval: 16)")
+    p.add_argument("--out", help="output folder (run.json, predictions.jsonl, results.json); rerun the same "
+                   "command to resume (a folder holding a run with other settings is refused)")
+    p.add_argument("--overwrite", action="store_true", help="discard what --out holds and start the run again")
+    p.add_argument("--max-new-tokens", type=_positive_int, default=16, help="greedy generation length (lmms-eval: 16)")
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--debug", action="store_true", help="show tracebacks of user errors")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -78,60 +193,103 @@ def main(argv: list[str] | None = None) -> int:
     mme = ev.add_parser("mme", help="MME with lmms-eval prompts and scoring")
     _common(mme)
     mme.add_argument("--method", help="compression method (omit for the unpatched model)")
-    mme.add_argument("--ratio", type=float)
-    mme.add_argument("--tokens", type=int)
+    mme.add_argument("--ratio", type=_ratio)
+    mme.add_argument("--tokens", type=_positive_int)
     vm = ev.add_parser("videomme", help="Video-MME with lmms-eval prompt and letter extraction")
     _common(vm)
     vm.add_argument("--method", help="compression method (omit for the unpatched model)")
-    vm.add_argument("--ratio", type=float)
-    vm.add_argument("--tokens", type=int)
+    vm.add_argument("--ratio", type=_ratio)
+    vm.add_argument("--tokens", type=_positive_int)
     sw = ev.add_parser("sweep", help="methods x ratios on MME or Video-MME -> table.md, sweep.json, sweep.png")
     _common(sw)
     sw.add_argument("--on", default="mme", choices=["mme", "videomme"], help="benchmark to sweep")
-    sw.add_argument("--methods", default="cls,random,uniform,pool,fastv,aim")
-    sw.add_argument("--ratios", default="1.0,0.5,0.25,0.11")
+    sw.add_argument("--methods", type=_methods, default="cls,random,uniform,pool,fastv,aim")
+    sw.add_argument("--ratios", type=_ratios, default="1.0,0.5,0.25,0.11", help="comma-separated, each in (0, 1]")
     data = sub.add_parser("data", help="write synthetic benchmarks").add_subparsers(dest="what", required=True)
     sm = data.add_parser("shapes-mme", help="ShapesMME in the MME_Benchmark folder layout and lmms-eval parquet")
     sm.add_argument("--out", required=True)
     sm.add_argument("--seed", type=int, default=TEST_SEED)
-    sm.add_argument("--per-category", type=int, default=40)
-    sm.add_argument("--canvas", type=int, default=112, help="image side in px (224: the high-resolution split)")
+    sm.add_argument("--per-category", type=_positive_int, default=40)
+    sm.add_argument("--canvas", type=_positive_int, default=112, help="image side in px (224: the high-resolution split)")
     sv = data.add_parser("shapes-video", help="ShapesVideo in the Video-MME schema (data/<videoID>.mp4 + records)")
     sv.add_argument("--out", required=True)
     sv.add_argument("--seed", type=int, default=TEST_SEED)
-    sv.add_argument("--per-cell", type=int, default=10, help="clips per task type x duration")
+    sv.add_argument("--per-cell", type=_positive_int, default=10, help="clips per task type x duration")
     args = ap.parse_args(argv)
+    try:
+        return _run(args)
+    except (UserError, RunError) as e:
+        if getattr(args, "debug", False):
+            raise
+        print(f"vtc: error: {e}", file=sys.stderr)
+        return 2
 
+
+@contextlib.contextmanager
+def _user_input(what: str) -> Iterator[None]:
+    """Errors raised while checking or reading what the user passed are user errors: one line, exit 2."""
+    try:
+        yield
+    except UserError:
+        raise
+    except (ValueError, TypeError, OSError, ImportError) as e:
+        raise UserError(f"{what}: {e}") from e
+
+
+def _check_methods(args) -> None:
+    """Every (method, budget) the command will run, validated like vtc.patch, before anything loads."""
+    from .eval.runner import resolve_method
+
+    if args.bench == "sweep":
+        for m in args.methods:
+            for r in args.ratios:
+                if r < 1.0:
+                    resolve_method(m, r, None, {})
+        return
+    resolve_method(args.method, args.ratio, args.tokens, {})
+
+
+def _run(args) -> int:
     if args.cmd == "methods":
         from . import available_methods
         print("\n".join(available_methods()))
         return 0
     if args.cmd == "data":
-        if args.what == "shapes-video":
-            from .eval.videomme_data import write_shapes_video
-            print(write_shapes_video(args.out, args.seed, args.per_cell))
-        else:
-            from .eval.mme_data import write_shapes_mme
-            print(write_shapes_mme(args.out, args.seed, args.per_category, canvas=args.canvas))
+        with _user_input(f"writing {args.out}"):
+            if args.what == "shapes-video":
+                from .eval.videomme_data import write_shapes_video
+                print(write_shapes_video(args.out, args.seed, args.per_cell))
+            else:
+                from .eval.mme_data import write_shapes_mme
+                print(write_shapes_mme(args.out, args.seed, args.per_category, canvas=args.canvas))
         return 0
     from .eval.runner import evaluate_mme, sweep
 
     if args.bench != "sweep" and args.method is None and (args.ratio is not None or args.tokens is not None):
-        print("vtc: --ratio/--tokens need --method", file=sys.stderr)
-        return 2
+        raise UserError("--ratio/--tokens need --method (see 'vtc methods')")
+    with _user_input("settings"):
+        _check_methods(args)
+    _check_model_path(args.model)
     generated = not args.data
-    model, proc, label = _load(args)
-    recs = _records(args)
+    with _user_input(f"data {args.data or '(generated)'}"):
+        recs = _records(args)
+    if args.quiet:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    with _user_input(f"model {args.model or '(default)'}"):
+        model, proc, label = _load(args)
     video = _is_video(args)
     data = f"Shapes{'Video' if video else 'MME'} test (seed {TEST_SEED})" if generated else str(args.data)
     cfg = {"model": label, "data": data,
            "images" if not video else "questions": len({r.question_id for r in recs})}
+    common = dict(batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, progress=not args.quiet,
+                  config=cfg, overwrite=args.overwrite)
     if args.bench == "videomme":
         from .eval.videomme_runner import evaluate_videomme
 
         res = evaluate_videomme(model, proc, recs, args.out, frames=args.frames, method=args.method, ratio=args.ratio,
-                                tokens=args.tokens, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-                                progress=not args.quiet, config=cfg)
+                                tokens=args.tokens, **common)
         s = res["scores"]
         print(f"model: {label}")
         print(json.dumps({"method": res["config"]["method"], "ratio": args.ratio, "frames": args.frames,
@@ -141,8 +299,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.bench == "mme":
         res = evaluate_mme(model, proc, recs, args.out, method=args.method, ratio=args.ratio, tokens=args.tokens,
-                           batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, progress=not args.quiet,
-                           config=cfg)
+                           **common)
         s = res["scores"]
         print(f"model: {label}")
         print(json.dumps({"method": res["config"]["method"], "ratio": args.ratio,
@@ -153,9 +310,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     out = args.out or "runs/sweep"
     extra = {"bench": "videomme", "frames": args.frames} if video else {}
-    extra["max_new_tokens"] = args.max_new_tokens
-    sweep(model, proc, recs, out, methods=args.methods.split(","), ratios=[float(x) for x in args.ratios.split(",")],
-          batch_size=args.batch_size, progress=not args.quiet, config=cfg, **extra)
+    sweep(model, proc, recs, out, methods=args.methods, ratios=args.ratios, **common, **extra)
     print(f"model: {label}")
     print((Path(out) / "table.md").read_text())
     print(f"plot: {Path(out) / 'sweep.png'}")

@@ -4,6 +4,7 @@ Adapters talk to a :class:`Runtime`, never to a method directly, so a new method
 """
 from __future__ import annotations
 
+import threading
 import time
 from collections import Counter, deque
 from contextlib import contextmanager
@@ -13,6 +14,7 @@ from typing import Callable, Iterator
 import torch
 
 from .methods.base import Method
+from .hook_owner import HookOwner
 from .sites import ScoreRequest, Selection, ViewLayout, VisualInput
 
 
@@ -37,7 +39,7 @@ class CallStats:
         return sum(self.tokens_after) / before if before else 1.0
 
 
-class Runtime:
+class Runtime(HookOwner):
     """Per-patch state shared by the hooks of one model instance."""
 
     def __init__(self, method: Method, ratio: float | None, tokens: int | None, max_stats: int = 10_000):
@@ -45,7 +47,7 @@ class Runtime:
         self.ratio = ratio
         self.tokens = tokens
         self.stats: deque[CallStats] = deque(maxlen=max_stats)
-        self._pending_seconds = 0.0
+        self._pending_seconds: dict[int, float] = {}  # per thread: time of the call in progress
         #: called on entering and leaving each timed region (``Patch.sync_timing``): a device synchronize
         self.sync: Callable[[], None] | None = None
         #: per image (N,) bool keep masks of the most recent vision-site call, for overlays and inspection
@@ -112,13 +114,13 @@ class Runtime:
         finally:
             if self.sync is not None:
                 self.sync()
-            self._pending_seconds += time.perf_counter() - t0
+            t = threading.get_ident()
+            self._pending_seconds[t] = self._pending_seconds.get(t, 0.0) + time.perf_counter() - t0
 
     def record(self, before: list[int], after: list[int]) -> CallStats:
-        st = CallStats(before, after, self._pending_seconds)
+        st = CallStats(before, after, self._pending_seconds.pop(threading.get_ident(), 0.0))
         self.stats.append(st)
-        self._pending_seconds = 0.0
         return st
 
     def discard_pending_time(self) -> None:
-        self._pending_seconds = 0.0
+        self._pending_seconds.pop(threading.get_ident(), None)

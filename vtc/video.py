@@ -35,13 +35,26 @@ def sample_indices(total: int, num_frames: int | None = 32, fps: float | None = 
     return np.linspace(0, total - 1, num_frames, dtype=int).tolist()
 
 
-def load_video(path: str | Path, num_frames: int | None = 32,
-               fps: float | None = None) -> tuple[np.ndarray, list[int], float]:
-    """Decode sampled frames with decord: returns (frames (n, H, W, 3) uint8 RGB, indices, the video's fps)."""
+def _decord():
     try:
         import decord
     except ImportError as e:  # pragma: no cover - depends on the environment
         raise ImportError("video loading needs decord: pip install 'vtc[video]'") from e
+    return decord
+
+
+def count_frames(path: str | Path) -> int:
+    """Frames in a video (opens its container and index, decodes nothing)."""
+    decord = _decord()
+    if not Path(path).exists():
+        raise FileNotFoundError(f"no video at {path}")
+    return len(decord.VideoReader(str(path), ctx=decord.cpu(0)))
+
+
+def load_video(path: str | Path, num_frames: int | None = 32,
+               fps: float | None = None) -> tuple[np.ndarray, list[int], float]:
+    """Decode sampled frames with decord: returns (frames (n, H, W, 3) uint8 RGB, indices, the video's fps)."""
+    decord = _decord()
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no video at {path}")

@@ -11,10 +11,15 @@ import torch.nn as nn
 
 from ..runtime import Runtime
 from ..sites import VisionInfo
+from ..hook_owner import MISSING, CallLock, HookOwner
 
 
-class Adapter:
-    """Installs removable, per-instance hooks on one model for one :class:`Runtime`."""
+class Adapter(HookOwner):
+    """Installs removable, per-instance hooks on one model for one :class:`Runtime`.
+
+    Hooks are bound methods (see :mod:`vtc.hook_owner`), so a deep copy of a patched model is patched
+    with its own state. One :class:`CallLock` per patch serializes forward passes and feature encoders across
+    threads: the state that lives between calls is keyed by the call's own tensors and caches."""
 
     #: class names this adapter accepts (the model's class or any base class)
     model_classes: ClassVar[tuple[str, ...]] = ()
@@ -24,6 +29,7 @@ class Adapter:
         self.model = model
         self._handles: list[Any] = []
         self._restore: list[tuple[Any, str, Any]] = []
+        self.lock = CallLock()
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
@@ -53,7 +59,7 @@ class Adapter:
 
     def _set_instance_attr(self, obj: Any, name: str, value: Any) -> None:
         had = name in obj.__dict__
-        self._restore.append((obj, name, obj.__dict__[name] if had else _MISSING))
+        self._restore.append((obj, name, obj.__dict__[name] if had else MISSING))
         setattr(obj, name, value)
 
     # ----- one forward pass: placeholder masks, then the keep masks of its features, then the LM keep set
@@ -81,8 +87,19 @@ class Adapter:
         if self.call is not None:
             self.call.keeps[modality] = keeps
 
+    def _lock_call(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        """First pre-hook of the base model: this thread owns the patch until :meth:`_end_call`."""
+        self.lock.acquire()
+
     def _end_call(self, module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> None:
-        self.call = None
+        """Last hook of the base model, also run when the forward raised: clear per-call state, release."""
+        try:
+            self.call = None
+            self.pruner.end_call()
+            if self.layer_pruner is not None:
+                self.layer_pruner.ctx = None
+        finally:
+            self.lock.release()
 
     def _keep_for_lm(self, lm_kwargs: dict[str, Any]):
         call = self.call
@@ -97,7 +114,8 @@ class Adapter:
 
         self.call: ForwardCall | None = None
         self.keeps = KeepRegistry()
-        self._hook(self.base.register_forward_hook(self._end_call, with_kwargs=True))
+        self._hook(self.base.register_forward_pre_hook(self._lock_call, with_kwargs=True, prepend=True))
+        self._hook(self.base.register_forward_hook(self._end_call, with_kwargs=True, always_call=True))
         self.pruner = LLMInputPruner(language_model, self._keep_for_lm, runtime, on_pruned=self._on_prefill_pruned)
         self.pruner.install(self._hook)
         self.layer_pruner = None
@@ -117,14 +135,12 @@ class Adapter:
             h.remove()
         self._handles.clear()
         for obj, name, old in reversed(self._restore):
-            if old is _MISSING:
+            if old is MISSING:
                 obj.__dict__.pop(name, None)
             else:
                 obj.__dict__[name] = old
         self._restore.clear()
 
-
-_MISSING = object()
 
 #: the forward kwarg that carries each modality's pixels
 FEATURE_INPUTS = {"image": "pixel_values", "video": "pixel_values_videos"}
@@ -138,7 +154,7 @@ class ForwardCall:
     keeps: dict[str, list[torch.Tensor]] = field(default_factory=dict)
 
 
-class KeepRegistry:
+class KeepRegistry(HookOwner):
     """Per-feature keep masks, found again by the identity of the feature tensors, else by their content.
 
     generate() pre-encodes images, then may repeat the same tensor objects for beams, so the identity of each

@@ -23,6 +23,7 @@ from ..core.batch import scatter_rows
 from ..core.scores import attention_received, attention_rows, head_mean
 from ..runtime import Runtime
 from ..sites import VisionInfo
+from ..hook_owner import WrappedMethod
 from .base import Adapter, register_adapter
 
 
@@ -92,6 +93,7 @@ class LlavaAdapter(Adapter):
         self._install_llm(self.base.language_model, runtime)
 
     def _install_scores(self, runtime: Runtime) -> None:
+        self._captured: dict[int, dict[str, torch.Tensor]] = {}
         by_layer: dict[int, set[str]] = {}
         for req in runtime.score_requests():
             for l in req.layers:
@@ -106,42 +108,42 @@ class LlavaAdapter(Adapter):
     def _install_score_hooks(self, layer: int, kinds: list[str]) -> None:
         """Capture the layer's own q/k projections (no extra projection FLOPs) and compute the CLS row."""
         attn = self.layers[layer].self_attn
-        captured: dict[str, torch.Tensor] = {}
+        self._captured[layer] = {}
+        self._hook(attn.q_proj.register_forward_hook(functools.partial(self._grab, layer, "q", kinds)))
+        self._hook(attn.k_proj.register_forward_hook(functools.partial(self._grab, layer, "k", kinds)))
+        self._hook(attn.register_forward_hook(functools.partial(self._compute_scores, layer, kinds), with_kwargs=True))
 
-        def grab(name: str):
-            def hook(module: nn.Module, args: tuple, output: torch.Tensor):
-                if self.scratch.active:
-                    captured[name] = output[:, :1] if name == "q" and "received" not in kinds else output
-            return hook
+    def _grab(self, layer: int, name: str, kinds: list[str], module: nn.Module, args: tuple,
+              output: torch.Tensor) -> None:
+        if self.scratch.active:
+            self._captured[layer][name] = output[:, :1] if name == "q" and "received" not in kinds else output
 
-        def compute(module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any):
-            if not self.scratch.active or "q" not in captured or "k" not in captured:
-                return None
-            with self.rt.timed():
-                q, k = captured.pop("q"), captured.pop("k")
-                captured_k = k.view(k.shape[0], k.shape[1], module.num_heads, module.head_dim).transpose(1, 2)
-                b, s, _ = k.shape
-                nh, hd = module.num_heads, module.head_dim
-                q = q.view(b, q.shape[1], nh, hd).transpose(1, 2)
-                k = k.view(b, s, nh, hd).transpose(1, 2)
-                for kind in kinds:
-                    if kind == "received":
-                        rec = torch.stack([attention_received(q[i], k[i], module.scale) for i in range(b)])
-                        self.scratch.scores[(kind, layer)] = rec[:, 1:] if self.drop_cls_column else rec
-                        continue
-                    if kind == "keys":
-                        keys = captured_k.transpose(1, 2).reshape(b, s, -1)
-                        self.scratch.scores[(kind, layer)] = keys[:, 1:] if self.drop_cls_column else keys
-                        continue
-                    row = head_mean(attention_rows(q[:, :, :1], k, module.scale, softmax=(kind == "cls_prob")))[:, 0]
-                    if self.drop_cls_column:
-                        row = row[:, 1:]
-                    self.scratch.scores[(kind, layer)] = row
+    def _compute_scores(self, layer: int, kinds: list[str], module: nn.Module, args: tuple, kwargs: dict[str, Any],
+                        output: Any) -> None:
+        captured = self._captured[layer]
+        if not self.scratch.active or "q" not in captured or "k" not in captured:
             return None
-
-        self._hook(attn.q_proj.register_forward_hook(grab("q")))
-        self._hook(attn.k_proj.register_forward_hook(grab("k")))
-        self._hook(attn.register_forward_hook(compute, with_kwargs=True))
+        with self.rt.timed():
+            q, k = captured.pop("q"), captured.pop("k")
+            captured_k = k.view(k.shape[0], k.shape[1], module.num_heads, module.head_dim).transpose(1, 2)
+            b, s, _ = k.shape
+            nh, hd = module.num_heads, module.head_dim
+            q = q.view(b, q.shape[1], nh, hd).transpose(1, 2)
+            k = k.view(b, s, nh, hd).transpose(1, 2)
+            for kind in kinds:
+                if kind == "received":
+                    rec = torch.stack([attention_received(q[i], k[i], module.scale) for i in range(b)])
+                    self.scratch.scores[(kind, layer)] = rec[:, 1:] if self.drop_cls_column else rec
+                    continue
+                if kind == "keys":
+                    keys = captured_k.transpose(1, 2).reshape(b, s, -1)
+                    self.scratch.scores[(kind, layer)] = keys[:, 1:] if self.drop_cls_column else keys
+                    continue
+                row = head_mean(attention_rows(q[:, :, :1], k, module.scale, softmax=(kind == "cls_prob")))[:, 0]
+                if self.drop_cls_column:
+                    row = row[:, 1:]
+                self.scratch.scores[(kind, layer)] = row
+        return None
 
     def _projector_pre(self, module: nn.Module, args: tuple):
         if not self.scratch.active:
@@ -183,8 +185,10 @@ class LlavaAdapter(Adapter):
             return scatter_rows(output, index, valid, n)
 
     def _wrap_image_features(self, original):
-        @functools.wraps(original)
-        def get_image_features(*args, **kwargs):
+        return WrappedMethod(self._get_image_features, original)
+
+    def _get_image_features(self, original, *args, **kwargs):
+        with self.lock:
             out = self._encode(original, args, kwargs)
             keep = self.scratch.keep
             feats = out.pooler_output if hasattr(out, "pooler_output") else None
@@ -194,8 +198,6 @@ class LlavaAdapter(Adapter):
                 raise RuntimeError("vtc: unexpected image feature layout from get_image_features")
             self._remember_keeps(feats, list(keep.unbind(0)))
             return out
-
-        return get_image_features
 
     def _encode(self, original, args: tuple, kwargs: dict[str, Any]):
         """Run the model's own image encoder with the vision-site hooks armed for this call."""

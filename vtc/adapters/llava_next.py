@@ -24,6 +24,7 @@ import torch.nn as nn
 
 from ..runtime import Runtime
 from ..sites import ViewLayout
+from ..hook_owner import WrappedMethod
 from .base import register_adapter
 from .hf import llava_next_helpers
 from .llava import LlavaAdapter, _VisionScratch
@@ -45,7 +46,7 @@ class LlavaNextAdapter(LlavaAdapter):
         self._hook(self.base.multi_modal_projector.register_forward_pre_hook(self._capture_features))
         original = self.base.get_image_features
         self._set_instance_attr(self.base, "get_image_features", self._wrap_compressing(
-            original, lambda feats, bound: self._compress_packed(list(feats), bound), "image"))
+            original, self._compress_image_call, "image"))
         self._hook(self.base.register_forward_pre_hook(self._base_pre, with_kwargs=True))
         self._install_llm(self.base.language_model, runtime)
 
@@ -54,25 +55,26 @@ class LlavaNextAdapter(LlavaAdapter):
             self.scratch.features = args[0]  # (all crops, N, D) pre-projector
         return None
 
-    def _wrap_compressing(self, original, compress, modality: str):
+    def _wrap_compressing(self, original, compress, modality: str) -> WrappedMethod:
         """``original`` (the model's get_image/video_features) run with the vision hooks armed; its
         ``pooler_output`` replaced by ``compress(features, bound_arguments) -> (new features, keeps)``."""
-        sig = inspect.signature(original)
+        return WrappedMethod(functools.partial(self._compressing_call, compress, modality), original)
 
-        @functools.wraps(original)
-        def wrapper(*args, **kwargs):
+    def _compressing_call(self, compress, modality: str, original, *args, **kwargs):
+        with self.lock:
             out = self._encode(original, args, kwargs)
             feats = getattr(out, "pooler_output", None)
             if feats is None or self.scratch.features is None:
                 return out
-            bound = sig.bind(*args, **kwargs).arguments
+            bound = inspect.signature(original).bind(*args, **kwargs).arguments
             with self.rt.timed():
                 new, keeps = compress(feats, bound)
             out.pooler_output = new
             self._remember_keeps(new, keeps, modality)
             return out
 
-        return wrapper
+    def _compress_image_call(self, feats, bound: dict[str, Any]):
+        return self._compress_packed(list(feats), bound)
 
     # ------------------------------------------------------------------ packing
     def _crops_per_image(self, bound: dict[str, Any]) -> list[int]:
@@ -173,7 +175,7 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
         super().install(runtime)
         original = self.base.get_video_features
         self._set_instance_attr(self.base, "get_video_features", self._wrap_compressing(
-            original, lambda feats, bound: self._compress_video(feats), "video"))
+            original, self._compress_video_call, "video"))
 
     def _pack_options(self, bound: dict[str, Any]) -> dict[str, Any]:
         default = getattr(self.base.config, "vision_aspect_ratio", "anyres_max_9")
@@ -188,6 +190,9 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
         return [c if s else 1 for c, s in zip(counts, single)]
 
     # ------------------------------------------------------------------ video
+    def _compress_video_call(self, feats: torch.Tensor, bound: dict[str, Any]):
+        return self._compress_video(feats)
+
     def _compress_video(self, feats: torch.Tensor):
         b, n, d = feats.shape
         frames = self.scratch.features.shape[0] // b

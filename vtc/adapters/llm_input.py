@@ -20,6 +20,13 @@ import torch.nn as nn
 from ..core.batch import gather_rows, left_repad_index, scatter_rows
 from ..runtime import Runtime
 from .hf import cache_of, output_cache, seq_length
+from ..hook_owner import HookOwner
+
+REUSED_CACHE = (
+    "vtc: this KV cache holds a compressed prefill (vtc dropped visual tokens from it), and a forward pass brought "
+    "several new tokens to it (a cache reused across generate() calls / turns, chunked prefill or assisted "
+    "decoding). Positions and masks would no longer match the token ids, so the answer would silently change. "
+    "Pass the whole conversation in one new prefill without past key values: it is re-compressed each turn.")
 
 #: called at prefill with the LM kwargs; returns (keep (B, L) bool, is_visual (B, L) bool) or None
 KeepFn = Callable[[dict[str, Any]], "tuple[torch.Tensor, torch.Tensor] | None"]
@@ -32,7 +39,7 @@ class _DecodeState:
     kept_len: int  # prefill length after pruning
 
 
-class LLMInputPruner:
+class LLMInputPruner(HookOwner):
     """Prefill/decode rewrite of the language model's inputs for one patched model."""
 
     def __init__(self, language_model: nn.Module, keep_fn: KeepFn, runtime: Runtime,
@@ -66,9 +73,7 @@ class LLMInputPruner:
             return None
         cache = cache_of(kwargs)
         past = seq_length(cache)
-        self.prefill_visual = None
-        self.last_stats = None
-        self._pending = None
+        self.end_call()
         if past == 0:
             out = self._prefill(kwargs)
         else:
@@ -76,9 +81,18 @@ class LLMInputPruner:
         check_mask_length(out, past)
         return (args, out) if out is not kwargs else None
 
+    def end_call(self) -> None:
+        """Forget the per-call state (also after a forward that raised)."""
+        self.prefill_visual = None
+        self.last_stats = None
+        self._pending = None
+        self._restore = None
+
     def _decode_call(self, kwargs: dict[str, Any], cache: Any, past: int) -> dict[str, Any]:
         state = self._decode.get(cache)
         embeds = kwargs["inputs_embeds"]
+        if embeds.shape[1] > 1 and state is not None:
+            raise RuntimeError(REUSED_CACHE)
         if embeds.shape[1] > 1:
             keep = self.keep_fn(kwargs)
             if keep is not None and keep[1].any():

@@ -14,6 +14,7 @@ decided once, on the prompt, in both modes.
 """
 from __future__ import annotations
 
+import functools
 import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -25,7 +26,8 @@ from ..core.batch import gather_rows, left_repad_index, scatter_rows
 from ..runtime import Runtime
 from ..sites import LLMLayerInput
 from .hf import cache_of, module_function, output_cache, seq_length
-from .llm_input import LLMInputPruner, gather_positions
+from ..hook_owner import HookOwner
+from .llm_input import REUSED_CACHE, LLMInputPruner, gather_positions
 
 
 @dataclass
@@ -53,7 +55,11 @@ class _Memory:
     decisions: dict[int, torch.Tensor]
 
 
-class LLMLayerPruner:
+#: prefills whose decisions are remembered for uncached generation (one per concurrent generate call)
+MEMORIES = 8
+
+
+class LLMLayerPruner(HookOwner):
     def __init__(self, lm: nn.Module, runtime: Runtime, inputs: LLMInputPruner):
         self.lm = lm
         self.layers = lm.layers
@@ -65,7 +71,8 @@ class LLMLayerPruner:
             raise ValueError(f"in-LLM pruning supports sdpa and eager attention; this LM uses {impl!r}")
         self.impl = impl
         self.ctx: _Prefill | None = None
-        self.memory: _Memory | None = None
+        #: decisions of recent prefills, newest last (a few, so interleaved uncached generations each find theirs)
+        self.memories: list[_Memory] = []
         self._decode: "weakref.WeakKeyDictionary[Any, dict[int, tuple[torch.Tensor, torch.Tensor, int]]]" = (
             weakref.WeakKeyDictionary())
         attn = self.layers[0].self_attn
@@ -79,19 +86,22 @@ class LLMLayerPruner:
         first = min(self.plan)
         for j, layer in enumerate(self.layers):
             if j == 0 or j > first:
-                add(layer.register_forward_pre_hook(self._layer_pre(j), with_kwargs=True))
+                add(layer.register_forward_pre_hook(functools.partial(self._layer_pre, j), with_kwargs=True))
         for i in self.plan:
             attn = self.layers[i].self_attn
-            add(attn.q_proj.register_forward_hook(self._grab("q")))
-            add(attn.k_proj.register_forward_hook(self._grab("k")))
+            add(attn.q_proj.register_forward_hook(functools.partial(self._grab, "q")))
+            add(attn.k_proj.register_forward_hook(functools.partial(self._grab, "k")))
             add(attn.register_forward_pre_hook(self._grab_rope, with_kwargs=True))
-            add(self.layers[i].register_forward_hook(self._layer_post(i)))
+            add(self.layers[i].register_forward_hook(functools.partial(self._layer_post, i)))
         add(self.layers[-1].register_forward_hook(self._restore))
 
     # ------------------------------------------------------------------ prefill context
     def _lm_pre(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]):
-        past = seq_length(cache_of(kwargs))
+        cache = cache_of(kwargs)
+        past = seq_length(cache)
         self.ctx = None
+        if past > 0 and kwargs["inputs_embeds"].shape[1] > 1 and self._decode.get(cache) is not None:
+            raise RuntimeError(REUSED_CACHE)
         if past > 0 or self.inputs.prefill_visual is None:
             return None
         embeds = kwargs["inputs_embeds"]
@@ -101,14 +111,14 @@ class LLMLayerPruner:
         visual = self.inputs.prefill_visual.to(embeds.device)
         idx = torch.arange(lk, device=embeds.device).expand(b, lk)
         self.ctx = _Prefill(idx, valid, visual & valid, (visual & valid).sum(-1))
-        mem = self.memory
-        if mem is not None and mem.prefix.shape[0] == b and mem.prefix.shape[1] < lk and torch.equal(
-                mem.prefix, embeds[:, : mem.prefix.shape[1]]):
+        mem = next((m for m in reversed(self.memories) if m.prefix.shape[0] == b and m.prefix.shape[1] < lk
+                    and torch.equal(m.prefix, embeds[:, : m.prefix.shape[1]])), None)
+        if mem is not None:
             extra = lk - mem.prefix.shape[1]
             ones = torch.ones(b, extra, dtype=torch.bool, device=embeds.device)
             self.ctx.frozen = {i: torch.cat([d, ones], 1) for i, d in mem.decisions.items()}
         else:
-            self.memory = _Memory(embeds.detach().clone(), self.ctx.decisions)
+            self.memories = self.memories[-(MEMORIES - 1):] + [_Memory(embeds.detach().clone(), self.ctx.decisions)]
         return None
 
     def _lm_post(self, module: nn.Module, args: tuple, output: Any):
@@ -121,27 +131,25 @@ class LLMLayerPruner:
         return None
 
     # ------------------------------------------------------------------ layer hooks
-    def _layer_pre(self, j: int):
-        def hook(module: nn.Module, args: tuple, kwargs: dict[str, Any]):
-            ctx = self.ctx
-            if ctx is not None:
-                if j == 0:
-                    with self.rt.timed():
-                        self._capture_inputs(ctx, kwargs)
-                    return None
-                if not ctx.pruned:
-                    return None
+    def _layer_pre(self, j: int, module: nn.Module, args: tuple, kwargs: dict[str, Any]):
+        ctx = self.ctx
+        if ctx is not None:
+            if j == 0:
                 with self.rt.timed():
-                    return args, self._rewrite_prefill(ctx, kwargs)
-            cache = cache_of(kwargs)
-            state = self._decode.get(cache) if cache is not None else None
-            if state is None or j not in state:
+                    self._capture_inputs(ctx, kwargs)
+                return None
+            if not ctx.pruned:
                 return None
             with self.rt.timed():
-                out = self._rewrite_decode(state[j], kwargs)
-            self.rt.events["llm_layer.decode"] += 1
-            return args, out
-        return hook
+                return args, self._rewrite_prefill(ctx, kwargs)
+        cache = cache_of(kwargs)
+        state = self._decode.get(cache) if cache is not None else None
+        if state is None or j not in state:
+            return None
+        with self.rt.timed():
+            out = self._rewrite_decode(state[j], kwargs)
+        self.rt.events["llm_layer.decode"] += 1
+        return args, out
 
     def _capture_inputs(self, ctx: _Prefill, kwargs: dict[str, Any]) -> None:
         mask = kwargs.get("attention_mask")
@@ -219,25 +227,21 @@ class LLMLayerPruner:
         return out
 
     # ------------------------------------------------------------------ capture + prune
-    def _grab(self, name: str):
-        def hook(module: nn.Module, args: tuple, output: torch.Tensor):
-            if self.ctx is not None:
-                self.ctx.captured[name] = output
-        return hook
+    def _grab(self, name: str, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        if self.ctx is not None:
+            self.ctx.captured[name] = output
 
     def _grab_rope(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]):
         if self.ctx is not None:
             self.ctx.captured["rope"] = kwargs.get("position_embeddings")
         return None
 
-    def _layer_post(self, i: int):
-        def hook(module: nn.Module, args: tuple, output: torch.Tensor):
-            ctx = self.ctx
-            if ctx is None:
-                return None
-            with self.rt.timed():
-                return self._prune_after(i, module, ctx, output)
-        return hook
+    def _layer_post(self, i: int, module: nn.Module, args: tuple, output: torch.Tensor):
+        ctx = self.ctx
+        if ctx is None:
+            return None
+        with self.rt.timed():
+            return self._prune_after(i, module, ctx, output)
 
     def _prune_after(self, i: int, layer: nn.Module, ctx: _Prefill, hidden: torch.Tensor) -> torch.Tensor:
         if ctx.frozen is not None and i in ctx.frozen:

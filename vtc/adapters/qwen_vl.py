@@ -24,6 +24,7 @@ import torch.nn as nn
 from ..core.scores import attention_received
 from ..runtime import Runtime
 from ..sites import VisionInfo
+from ..hook_owner import WrappedMethod
 from .base import Adapter, register_adapter
 from .hf import module_function, qwen_window_index
 
@@ -66,6 +67,7 @@ class QwenVLAdapter(Adapter):
     def install(self, runtime: Runtime) -> None:
         self.rt = runtime
         self.scratch = _Scratch()
+        self._cap: dict[int, dict[str, Any]] = {}
         for req in runtime.score_requests():
             if req.kind == "keys":
                 continue  # merging methods use the merged features themselves on Qwen
@@ -87,47 +89,47 @@ class QwenVLAdapter(Adapter):
 
     def _install_received(self, layer: int) -> None:
         attn = self.blocks[layer].attn
-        cap: dict[str, Any] = {}
+        self._cap[layer] = {}
+        self._hook(attn.qkv.register_forward_hook(functools.partial(self._grab_qkv, layer)))
+        self._hook(attn.register_forward_pre_hook(functools.partial(self._grab_kwargs, layer), with_kwargs=True))
+        self._hook(attn.register_forward_hook(functools.partial(self._compute_received, layer), with_kwargs=True))
 
-        def grab_qkv(module, args, output):
-            if self.scratch.active:
-                cap["qkv"] = output
+    def _grab_qkv(self, layer: int, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        if self.scratch.active:
+            self._cap[layer]["qkv"] = output
 
-        def grab_kwargs(module, args, kwargs):
-            if self.scratch.active:
-                cap["cu"] = kwargs.get("cu_seqlens")
-                cap["rope"] = kwargs.get("position_embeddings")
+    def _grab_kwargs(self, layer: int, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        if self.scratch.active:
+            self._cap[layer]["cu"] = kwargs.get("cu_seqlens")
+            self._cap[layer]["rope"] = kwargs.get("position_embeddings")
 
-        def compute(module, args, kwargs, output):
-            if not self.scratch.active or "qkv" not in cap:
-                return None
-            with self.rt.timed():
-                qkv = cap.pop("qkv")
-                s = qkv.shape[0]
-                q, k, _ = qkv.reshape(s, 3, module.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
-                cos, sin = cap["rope"]
-                q, k = self._rope(q, k, cos, sin)
-                q, k = q.transpose(0, 1), k.transpose(0, 1)  # (H, S, d)
-                cu = cap["cu"].tolist()
-                per_patch = torch.cat([attention_received(q[:, a:b], k[:, a:b], module.scaling)
-                                       for a, b in zip(cu[:-1], cu[1:])])
-                merged = per_patch.reshape(-1, self.unit).mean(-1)
-                self.scratch.scores.setdefault(("received", layer), []).append(merged)
+    def _compute_received(self, layer: int, module: nn.Module, args: tuple, kwargs: dict[str, Any],
+                          output: Any) -> None:
+        cap = self._cap[layer]
+        if not self.scratch.active or "qkv" not in cap:
             return None
-
-        self._hook(attn.qkv.register_forward_hook(grab_qkv))
-        self._hook(attn.register_forward_pre_hook(grab_kwargs, with_kwargs=True))
-        self._hook(attn.register_forward_hook(compute, with_kwargs=True))
+        with self.rt.timed():
+            qkv = cap.pop("qkv")
+            s = qkv.shape[0]
+            q, k, _ = qkv.reshape(s, 3, module.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+            cos, sin = cap["rope"]
+            q, k = self._rope(q, k, cos, sin)
+            q, k = q.transpose(0, 1), k.transpose(0, 1)  # (H, S, d)
+            cu = cap["cu"].tolist()
+            per_patch = torch.cat([attention_received(q[:, a:b], k[:, a:b], module.scaling)
+                                   for a, b in zip(cu[:-1], cu[1:])])
+            merged = per_patch.reshape(-1, self.unit).mean(-1)
+            self.scratch.scores.setdefault(("received", layer), []).append(merged)
+        return None
 
     # ------------------------------------------------------------------ vision site
-    def _wrap(self, original, modality: str):
-        sig = inspect.signature(original)
-        grid_name = "image_grid_thw" if modality == "image" else "video_grid_thw"
+    def _wrap(self, original, modality: str) -> WrappedMethod:
+        return WrappedMethod(functools.partial(self._encode_call, modality), original)
 
-        @functools.wraps(original)
-        def wrapped(*args, **kwargs):
-            bound = sig.bind(*args, **kwargs)
-            grid = bound.arguments.get(grid_name)
+    def _encode_call(self, modality: str, original, *args, **kwargs):
+        grid_name = "image_grid_thw" if modality == "image" else "video_grid_thw"
+        with self.lock:
+            grid = inspect.signature(original).bind(*args, **kwargs).arguments.get(grid_name)
             self.scratch = _Scratch(active=True)
             try:
                 out = original(*args, **kwargs)
@@ -141,8 +143,6 @@ class QwenVLAdapter(Adapter):
             out.pooler_output = tuple(new)
             self._remember_keeps(out.pooler_output, keeps, modality)
             return out
-
-        return wrapped
 
     def _scores_in_token_order(self, grid: torch.Tensor) -> dict[tuple[str, int], torch.Tensor]:
         out = {}

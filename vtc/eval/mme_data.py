@@ -1,6 +1,7 @@
 """MME data in both real layouts: the official ``MME_Benchmark`` folders and lmms-eval's parquet schema."""
 from __future__ import annotations
 
+import hashlib
 import io
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,35 @@ class MMERecord:
             return Image.open(io.BytesIO(self.image_bytes)).convert("RGB")
         return Image.open(self.image_path).convert("RGB")
 
+    def image_data(self) -> bytes:
+        return self.image_bytes if self.image_bytes is not None else Path(self.image_path).read_bytes()
+
+    def fingerprint(self) -> str:
+        """Question, answer, category and a digest of the image content (for run identities)."""
+        digest = hashlib.sha256(self.image_data()).hexdigest()[:16]
+        return "\t".join([self.question_id, self.question, self.answer, self.category, digest])
+
+
+ANSWERS = ("Yes", "No")
+
+
+def check_records(records: list[MMERecord], source: str | Path, images: bool = True) -> list[MMERecord]:
+    """Raise ValueError naming the first record whose gold answer is not Yes/No or (``images``) whose image does
+    not decode, so a bad file fails before a model is loaded, not at scoring time."""
+    if not records:
+        raise ValueError(f"{source} holds no MME records")
+    for r in records:
+        if r.answer not in ANSWERS:
+            raise ValueError(f"{source}: record {r.question_id!r} has gold answer {r.answer!r}; MME answers are "
+                             "'Yes' or 'No'")
+        if images:
+            try:
+                with Image.open(io.BytesIO(r.image_data())) as im:
+                    im.verify()
+            except Exception as e:  # PIL raises many types for a corrupt file
+                raise ValueError(f"{source}: the image of record {r.question_id!r} does not decode ({e})") from None
+    return records
+
 
 def load_mme(path: str | Path) -> list[MMERecord]:
     """Records from a parquet file, a folder of parquet files, or an ``MME_Benchmark`` folder."""
@@ -45,11 +75,15 @@ def load_mme(path: str | Path) -> list[MMERecord]:
 
 def load_mme_parquet(files: list[Path]) -> list[MMERecord]:
     """lmms-eval schema: question_id, image ({bytes, path}), question, answer, category."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     out = []
     for f in files:
-        table = pq.read_table(f)
+        try:
+            table = pq.read_table(f)
+        except (pa.ArrowException, OSError) as e:
+            raise ValueError(f"{f} is not a readable parquet file ({e})") from None
         missing = {"question_id", "image", "question", "answer", "category"} - set(table.column_names)
         if missing:
             raise ValueError(f"{f} lacks MME columns {sorted(missing)}")
@@ -76,6 +110,8 @@ def _iter_folder(root: Path) -> Iterator[MMERecord]:
             for line in txt.read_text(encoding="utf-8").splitlines():
                 if not line.strip():
                     continue
+                if "\t" not in line:
+                    raise ValueError(f"{txt}: line {line!r} is not 'question<TAB>Yes|No'")
                 q, a = line.rsplit("\t", 1)
                 yield MMERecord(f"{cat}/{img.name}", q, a.strip(), cat, image_path=str(img))
 

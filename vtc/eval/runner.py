@@ -1,6 +1,7 @@
 """Batched, resumable MME evaluation of a (possibly patched) model, and method x ratio sweeps."""
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from pathlib import Path
@@ -10,13 +11,24 @@ import torch
 from tqdm.auto import tqdm
 
 import vtc
+from vtc.api import describe_method
 
 from .mme_data import MMERecord
 from .mme_scoring import mme_prompt, mme_scores
+from .run_store import RunStore, model_identity, records_digest, versions
 
 
 def _key(r: MMERecord) -> str:
     return f"{r.question_id}\t{r.question}"
+
+
+def resolve_method(method: str | None, ratio: float | None, tokens: int | None, hyperparameters: dict):
+    """The validated method of a run (None: the unpatched model); a budget without a method is an error."""
+    if method is None:
+        if ratio is not None or tokens is not None or hyperparameters:
+            raise ValueError("ratio / tokens / hyperparameters were given without a method")
+        return None
+    return vtc.build_method(method, ratio, tokens, **hyperparameters)
 
 
 def _generate(model, processor, batch: list[MMERecord], max_new_tokens: int) -> list[str]:
@@ -33,6 +45,14 @@ def _generate(model, processor, batch: list[MMERecord], max_new_tokens: int) -> 
     return [t.strip() for t in processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)]
 
 
+def run_identity(model: Any, bench: str, method: Any, records: Sequence[Any], settings: dict) -> dict:
+    """What makes two runs' predictions interchangeable: model (+ weights digest), method with every
+    hyperparameter (None: unpatched), the records' digest, generation ``settings``, library versions."""
+    return {"bench": bench, "model": model_identity(model),
+            "method": describe_method(method) if method is not None else None,
+            "data": records_digest(r.fingerprint() for r in records), **settings, **versions()}
+
+
 def run_resumable(
     model: Any,
     records: Sequence[Any],
@@ -40,56 +60,50 @@ def run_resumable(
     generate: Callable[[list], list[str]],
     describe: Callable[[Any, str], dict],
     out: Path | None,
-    method: str | None,
-    ratio: float | None,
-    tokens: int | None,
-    hyperparameters: dict,
+    method: Any,
+    identity: dict,
     batch_size: int,
     desc: str,
     progress: bool,
+    overwrite: bool = False,
 ) -> tuple[list[dict], list, float]:
     """Generate for every record not yet in ``out/predictions.jsonl`` (appended batch by batch, so an interrupted
-    run resumes), patching the model for the run when ``method`` is given; returns (predictions in record order,
-    this run's compression stats, seconds spent generating). With a method, each prediction also records its
-    row's ``visual_tokens`` [before, after] and ``llm_visual_fraction``, so a resumed run still reports them."""
-    done: dict[str, dict] = {}
-    if out:
-        out.mkdir(parents=True, exist_ok=True)
-        pred_file = out / "predictions.jsonl"
-        if pred_file.exists():
-            for line in pred_file.read_text().splitlines():
-                if line.strip():
-                    rec = json.loads(line)
-                    done[rec["key"]] = rec
-    todo = [r for r in records if key(r) not in done]
-    patch = vtc.patch(model, method, ratio=ratio, tokens=tokens, **hyperparameters) if method else None
-    t_gen = 0.0
-    try:
-        bar = tqdm(total=len(records), initial=len(records) - len(todo), disable=not progress,
-                   desc=f"{desc} {method or 'none'}{'' if ratio is None else f' r={ratio}'}")
-        for i in range(0, len(todo), batch_size):
-            batch = list(todo[i:i + batch_size])
-            n_stats = len(patch.stats) if patch else 0
-            t0 = time.perf_counter()
-            preds = generate(batch)
-            t_gen += time.perf_counter() - t0
-            rows = _row_compression(model, patch.stats[n_stats] if patch and len(patch.stats) > n_stats else None,
-                                    len(batch))
-            lines = []
-            for r, p, row in zip(batch, preds, rows):
-                rec = {"key": key(r), **describe(r, p), **row}
-                done[rec["key"]] = rec
-                lines.append(json.dumps(rec))
-            if out:
-                with open(out / "predictions.jsonl", "a") as f:
-                    f.write("\n".join(lines) + "\n")
-            bar.update(len(batch))
-        bar.close()
-        stats = patch.stats if patch else []
-    finally:
-        if patch:
-            vtc.unpatch(model)
-    return [done[key(r)] for r in records], stats, t_gen
+    run resumes), patching the model with ``method`` (a built :class:`~vtc.methods.base.Method`) for the run;
+    returns (predictions in record order, this run's compression stats, seconds spent generating).
+
+    ``out`` is a :class:`~vtc.eval.run_store.RunStore`: its lock is held for the run and a folder holding
+    another run's ``identity`` is refused (``overwrite`` discards it). With a method, each prediction also records
+    its row's ``visual_tokens`` [before, after] and ``llm_visual_fraction``, so a resumed run still reports them."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1; got {batch_size}")
+    with (RunStore(out, identity, overwrite) if out else contextlib.nullcontext()) as store:
+        done = store.done if store else {}
+        todo = [r for r in records if key(r) not in done]
+        patch = vtc.patch(model, method) if method is not None else None
+        t_gen = 0.0
+        try:
+            label = f"{desc} {method.describe() if method is not None else 'none'}"
+            bar = tqdm(total=len(records), initial=len(records) - len(todo), disable=not progress, desc=label)
+            for i in range(0, len(todo), batch_size):
+                batch = list(todo[i:i + batch_size])
+                n_stats = len(patch.stats) if patch else 0
+                t0 = time.perf_counter()
+                preds = generate(batch)
+                t_gen += time.perf_counter() - t0
+                rows = _row_compression(model, patch.stats[n_stats] if patch and len(patch.stats) > n_stats else None,
+                                        len(batch))
+                recs = [{"key": key(r), **describe(r, p), **row} for r, p, row in zip(batch, preds, rows)]
+                if store:
+                    store.append(recs)
+                else:
+                    done.update((rec["key"], rec) for rec in recs)
+                bar.update(len(batch))
+            bar.close()
+            stats = patch.stats if patch else []
+        finally:
+            if patch:
+                patch.remove()
+        return [done[key(r)] for r in records], stats, t_gen
 
 
 def _row_compression(model: Any, prefill: Any, n_rows: int) -> list[dict]:
@@ -134,23 +148,28 @@ def evaluate_mme(
     max_new_tokens: int = 16,
     config: dict | None = None,
     progress: bool = True,
+    overwrite: bool = False,
     **hyperparameters: Any,
 ) -> dict:
     """Evaluate on MME records; with ``method`` the model is patched for the run and unpatched after.
 
     Predictions are appended to ``out_dir/predictions.jsonl`` as they come, so an interrupted run resumes
-    where it stopped; ``out_dir/results.json`` gets the config, scores, compression stats and predictions.
+    where it stopped (only with the same settings: see :mod:`vtc.eval.run_store`; ``overwrite`` starts over);
+    ``out_dir/results.json`` gets the config, scores, compression stats and predictions.
     """
+    built = resolve_method(method, ratio, tokens, hyperparameters)
     processor.tokenizer.padding_side = "left"
     out = Path(out_dir) if out_dir else None
+    settings = {"max_new_tokens": max_new_tokens, "prompt": "lmms-eval MME default"}
+    identity = run_identity(model, "mme", built, records, settings) if out else {}
     preds, stats, t_gen = run_resumable(
         model, records, _key, lambda b: _generate(model, processor, b, max_new_tokens),
         lambda r, p: {"question_id": r.question_id, "category": r.category, "question": r.question,
                       "answer": r.answer, "prediction": p},
-        out, method, ratio, tokens, hyperparameters, batch_size, "MME", progress)
+        out, built, identity, batch_size, "MME", progress, overwrite)
     return save_results(out, {"method": method or "none", "ratio": ratio, "tokens": tokens,
-                              "hyperparameters": hyperparameters, "batch_size": batch_size,
-                              "max_new_tokens": max_new_tokens, "prompt": "lmms-eval MME default", **(config or {})},
+                              "hyperparameters": hyperparameters, "batch_size": batch_size, **settings,
+                              **({"identity": identity} if identity else {}), **(config or {})},
                         mme_scores(preds), compression_summary(preds, stats, method, t_gen), preds)
 
 

@@ -22,6 +22,35 @@ class VideoMMERecord:
     answer: str  # a letter
     video_path: str | None = None
 
+    def fingerprint(self) -> str:
+        """Every field and the video's file size (videos are too large to hash; for run identities)."""
+        size = Path(self.video_path).stat().st_size if self.video_path else -1
+        return "\t".join([self.videoID, self.question_id, self.duration, self.task_type, self.question,
+                          "|".join(self.options), self.answer, str(size)])
+
+    def check(self) -> None:
+        """Raise ValueError if the options are not ``"A. ..."``-style or the answer is not one of their letters."""
+        letters = [o.strip()[:1] for o in self.options]
+        if not letters or any(not (o.strip()[:1].isalpha() and o.strip()[1:2] == ".") for o in self.options):
+            raise ValueError(f"question {self.question_id!r}: options must look like 'A. ...'; got {self.options!r}")
+        if self.answer not in letters:
+            raise ValueError(f"question {self.question_id!r}: gold answer {self.answer!r} is not one of the option "
+                             f"letters {letters}")
+
+
+def check_videos(records: list[VideoMMERecord]) -> list[VideoMMERecord]:
+    """Raise ValueError naming the first video that does not open or has no frames (before a model is loaded)."""
+    from ..video import count_frames
+
+    for path in dict.fromkeys(r.video_path for r in records):
+        try:
+            n = count_frames(path)
+        except Exception as e:  # decord / PyAV raise their own types for a corrupt file
+            raise ValueError(f"video {path} does not open ({type(e).__name__}: {e})") from None
+        if n < 1:
+            raise ValueError(f"video {path} has no frames")
+    return records
+
 
 def _find_video(root: Path, video_id: str) -> str | None:
     for folder in (root / "data", root):
@@ -44,12 +73,24 @@ def load_videomme(path: str | Path, video_dir: str | Path | None = None) -> list
     rows: list[dict] = []
     for f in files:
         if f.suffix == ".parquet":
+            import pyarrow as pa
             import pyarrow.parquet as pq
 
-            rows += pq.read_table(f).to_pylist()
+            try:
+                rows += pq.read_table(f).to_pylist()
+            except (pa.ArrowException, OSError) as e:
+                raise ValueError(f"{f} is not a readable parquet file ({e})") from None
         else:
-            rows += json.loads(f.read_text())
+            try:
+                data = json.loads(f.read_text())
+            except ValueError as e:
+                raise ValueError(f"{f} is not valid JSON ({e})") from None
+            if not isinstance(data, list):
+                raise ValueError(f"{f} must hold a JSON list of Video-MME records")
+            rows += data
     root = Path(video_dir) if video_dir else (path if path.is_dir() else path.parent)
+    if not rows:
+        raise ValueError(f"{path} holds no Video-MME records")
     out = []
     for row in rows:
         missing = [k for k in FIELDS if k not in row]
@@ -57,6 +98,7 @@ def load_videomme(path: str | Path, video_dir: str | Path | None = None) -> list
             raise ValueError(f"a Video-MME record lacks {missing} (question_id={row.get('question_id')})")
         rec = VideoMMERecord(**{k: row[k] for k in FIELDS})
         rec.options = list(rec.options)
+        rec.check()
         rec.video_path = _find_video(root, rec.videoID)
         if rec.video_path is None:
             raise FileNotFoundError(f"no video for {rec.videoID} under {root / 'data'} ({'/'.join(VIDEO_EXTS)})")

@@ -7,7 +7,7 @@ from typing import Any, Sequence
 import torch
 
 from ..video import load_video
-from .runner import compression_summary, run_resumable, save_results
+from .runner import compression_summary, resolve_method, run_identity, run_resumable, save_results
 from .videomme_data import VideoMMERecord
 from .videomme_scoring import POST_PROMPT, extract_letter, videomme_prompt, videomme_scores
 
@@ -54,6 +54,7 @@ def evaluate_videomme(
     post_prompt: str = POST_PROMPT,
     config: dict | None = None,
     progress: bool = True,
+    overwrite: bool = False,
     **hyperparameters: Any,
 ) -> dict:
     """Video-MME (w/o subtitles) with lmms-eval's prompt and letter extraction, ``frames`` sampled uniformly.
@@ -61,17 +62,22 @@ def evaluate_videomme(
     With ``method`` the model is patched for the run and unpatched after; predictions go to
     ``out_dir/predictions.jsonl`` as they come (resumable) and ``out_dir/results.json`` gets the config, scores
     (overall and by duration / task type / domain), compression stats and predictions."""
+    built = resolve_method(method, ratio, tokens, hyperparameters)
+    if frames < 1:
+        raise ValueError(f"frames must be >= 1; got {frames}")
     processor.tokenizer.padding_side = "left"
     out = Path(out_dir) if out_dir else None
+    settings = {"frames": frames, "max_new_tokens": max_new_tokens, "prompt": "lmms-eval Video-MME (w/o subtitles)",
+                "post_prompt": post_prompt}
+    identity = run_identity(model, "videomme", built, records, settings) if out else {}
     preds, stats, t_gen = run_resumable(
         model, records, lambda r: r.question_id,
         lambda b: _generate(model, processor, b, frames, max_new_tokens, post_prompt),
         lambda r, p: {"question_id": r.question_id, "videoID": r.videoID, "duration": r.duration,
                       "domain": r.domain, "task_type": r.task_type, "answer": r.answer, "prediction": p,
                       "extracted": extract_letter(p)},
-        out, method, ratio, tokens, hyperparameters, batch_size, "Video-MME", progress)
+        out, built, identity, batch_size, "Video-MME", progress, overwrite)
     return save_results(out, {"method": method or "none", "ratio": ratio, "tokens": tokens,
-                              "hyperparameters": hyperparameters, "frames": frames, "batch_size": batch_size,
-                              "max_new_tokens": max_new_tokens, "prompt": "lmms-eval Video-MME (w/o subtitles)",
-                              "post_prompt": post_prompt, **(config or {})},
+                              "hyperparameters": hyperparameters, "batch_size": batch_size, **settings,
+                              **({"identity": identity} if identity else {}), **(config or {})},
                         videomme_scores(preds), compression_summary(preds, stats, method, t_gen), preds)

@@ -1,0 +1,185 @@
+"""An evaluation's output folder: its identity, its lock and its predictions, so a resumed run never mixes
+settings, two runs never share a folder, and a cut line never stops a resume.
+
+``out/run.json`` holds the run's identity (model and a digest of its weights, method with every hyperparameter,
+budget, data with a digest of its records, generation settings, vtc and transformers versions). Resuming into a
+folder whose identity differs is refused with the differing fields named, unless ``overwrite`` discards it.
+``out/.lock`` is held (an OS file lock: released when the process dies, so a stale lock is recovered) for the
+whole run; a second run into the same folder is refused. ``out/predictions.jsonl`` gets one JSON line per
+prediction; a torn last line (a kill during a write) is dropped with a warning and generated again.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+
+IDENTITY_FILE = "run.json"
+PREDICTIONS_FILE = "predictions.jsonl"
+LOCK_FILE = ".lock"
+
+
+class RunError(RuntimeError):
+    """A run cannot use its output folder (other settings, another run writing, corrupt predictions)."""
+
+
+def weights_digest(model: torch.nn.Module, samples: int = 64) -> str:
+    """sha256 over every parameter and buffer's name, shape, dtype and ``samples`` evenly strided values: cheap
+    on a 7B model, and any retrained or differently loaded weights change it."""
+    h = hashlib.sha256()
+    with torch.no_grad():
+        for name, t in model.state_dict().items():
+            flat = t.detach().reshape(-1)
+            n = flat.numel()
+            idx = torch.linspace(0, max(n - 1, 0), steps=min(samples, n), device=flat.device).long()
+            vals = flat[idx].float().cpu().numpy().tobytes() if n else b""
+            h.update(f"{name}|{tuple(t.shape)}|{t.dtype}|".encode() + vals)
+    return h.hexdigest()[:16]
+
+
+def model_identity(model: torch.nn.Module) -> dict[str, Any]:
+    """Where the model came from (path or hub id, revision when known), its class and a digest of its weights."""
+    cfg = getattr(model, "config", None)
+    return {"path": str(getattr(cfg, "_name_or_path", "") or getattr(model, "name_or_path", "")),
+            "revision": getattr(cfg, "_commit_hash", None), "class": type(model).__name__,
+            "weights": weights_digest(model)}
+
+
+def records_digest(fingerprints: Iterable[str]) -> str:
+    """sha256 of the records' fingerprints, in order (questions, answers, image/video content or size)."""
+    h = hashlib.sha256()
+    n = 0
+    for fp in fingerprints:
+        h.update(fp.encode() + b"\n")
+        n += 1
+    return f"{n}:{h.hexdigest()[:16]}"
+
+
+def versions() -> dict[str, str]:
+    import transformers
+
+    from .. import __version__
+
+    return {"vtc": __version__, "transformers": transformers.__version__, "torch": torch.__version__.split("+")[0]}
+
+
+def identity_diff(stored: dict[str, Any], current: dict[str, Any], prefix: str = "") -> list[str]:
+    """``"field: <stored> there, <current> here"`` for every field that differs (dotted into dicts on both sides)."""
+    out = []
+    for k in sorted(set(stored) | set(current)):
+        a, b = stored.get(k), current.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += identity_diff(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append(f"{prefix}{k}: {a!r} there, {b!r} here")
+    return out
+
+
+def normalize(value: Any) -> Any:
+    """JSON round trip (tuples become lists), so stored and current identities compare equal."""
+    return json.loads(json.dumps(value, default=str))
+
+
+class RunStore:
+    """``with RunStore(out, identity) as store:`` holds the folder's lock; ``store.done`` maps the keys of stored
+    predictions to their rows, ``store.append(rows)`` adds a batch of rows."""
+
+    def __init__(self, out: str | Path, identity: dict[str, Any], overwrite: bool = False):
+        self.out = Path(out)
+        self.identity = normalize(identity)
+        self.overwrite = overwrite
+        self.done: dict[str, dict] = {}
+        self._lock = None
+
+    @property
+    def predictions(self) -> Path:
+        return self.out / PREDICTIONS_FILE
+
+    def __enter__(self) -> "RunStore":
+        from filelock import FileLock, Timeout
+
+        self.out.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(self.out / LOCK_FILE))
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            owner = self.out / (LOCK_FILE + ".owner")
+            who = owner.read_text().strip() if owner.exists() else "another process"
+            raise RunError(f"another vtc run is writing to {self.out} ({who}); wait for it to finish or use "
+                           "another --out") from None
+        self._lock = lock
+        try:
+            (self.out / (LOCK_FILE + ".owner")).write_text(
+                f"pid {os.getpid()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+            self._open()
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._lock is not None:
+            (self.out / (LOCK_FILE + ".owner")).unlink(missing_ok=True)
+            self._lock.release()
+            self._lock = None
+
+    def _open(self) -> None:
+        ident_file = self.out / IDENTITY_FILE
+        if self.overwrite:
+            for name in (PREDICTIONS_FILE, IDENTITY_FILE, "results.json"):
+                (self.out / name).unlink(missing_ok=True)
+        has_preds = self.predictions.exists() and self.predictions.stat().st_size > 0
+        if ident_file.exists():
+            stored = json.loads(ident_file.read_text()).get("identity", {})
+            diff = identity_diff(stored, self.identity)
+            if diff:
+                raise RunError(f"{self.out} holds a run with other settings ({'; '.join(diff)}). Resume with the "
+                               "same settings, use another --out, or pass --overwrite to discard it")
+        elif has_preds:
+            raise RunError(f"{self.predictions} has predictions but no {IDENTITY_FILE} (an older vtc wrote it), so "
+                           "its settings are unknown; use another --out, or pass --overwrite to discard it")
+        ident_file.write_text(json.dumps({"identity": self.identity}, indent=1) + "\n")
+        if has_preds:
+            self.done = self._read()
+
+    def _read(self) -> dict[str, dict]:
+        raw = self.predictions.read_bytes()
+        lines = raw.split(b"\n")
+        torn = not raw.endswith(b"\n")  # the last line was cut during a write
+        done: dict[str, dict] = {}
+        for i, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+                if not isinstance(rec, dict) or "key" not in rec:
+                    raise ValueError("not a prediction record (no 'key')")
+            except ValueError as e:
+                if torn and i == len(lines):
+                    keep = raw[: len(raw) - len(line)]
+                    self.predictions.write_bytes(keep)
+                    warnings.warn(f"{self.predictions}:{i}: dropped a cut last line ({len(line)} bytes, a run was "
+                                  "stopped while writing it); its question is generated again", RuntimeWarning,
+                                  stacklevel=3)
+                    break
+                raise RunError(f"{self.predictions}:{i}: corrupt prediction line ({e}); fix or delete that line, "
+                               "or pass --overwrite to start the run again") from None
+            done[rec["key"]] = rec
+        else:
+            if torn and raw:  # a complete JSON line without its newline: end it so appends start a new line
+                with open(self.predictions, "ab") as f:
+                    f.write(b"\n")
+        return done
+
+    def append(self, rows: list[dict]) -> None:
+        with open(self.predictions, "a") as f:
+            f.write("".join(json.dumps(r) + "\n" for r in rows))
+            f.flush()
+        for r in rows:
+            self.done[r["key"]] = r
