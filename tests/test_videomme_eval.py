@@ -10,35 +10,62 @@ from vtc.zoo.shapes import COLORS
 from vtc.zoo.shapes_video import DURATIONS, TASKS, ShapesVideoGenerator
 
 
+# each expected letter is what lmms-eval 0.7.3's extract_mcq_answer(reply, choices=["A", "B", "C", "D"]) returns
+# (checked against its mcq_extract.py); the second column is the <= 0.7.1 rule vtc used before, where it differs
 @pytest.mark.parametrize("reply,letter", [
+    ("Answer: D", "D"),  # old: A (the A of "Answer")
+    ("Best answer: A", "A"),  # old: B (the B of "Best")
+    ("Choice: B", "B"),  # old: C
+    ("ANSWER: C", "C"),  # old: A
+    ("Answer:\nB", "B"),  # old: A
+    ("ABCD", "D"),  # old: A (the last standalone letter wins now)
+    ("the answer is C. However, D could also be right", "D"),  # old: C
+    ("Answer: the red one, option C", "C"),  # old: A
+    ("Option B is wrong, A is right", "A"),  # old: B
+    ("(B) or (C)", "C"),  # old: B
     ("The answer is (C).", "C"),
     ("B", "B"),
     ("B. left", "B"),
     ("(D) down", "D"),
     ("The best answer is A", "A"),
-    ("the object moves towards the left side of the frame and then it stops there", ""),  # > 10 words, no A-D
-    ("I think it moves left", ""),  # short, no capital A-D
-    ("Answer: the red one, option C", "A"),  # first capital A-D anywhere, as lmms-eval does
     ("The best option is B", "B"),
+    ("C)", "C"),
+    ('"A"', "A"),
+    ("答案是B", "B"),
+    ("I choose D because", "D"),
+    ("A and B", "A"),
+    ("the object moves towards the left side of the frame and then it stops there", ""),
+    ("I think it moves left", ""),
+    ("a", ""),  # lower-case letters never count
     ("", ""),
 ])
-def test_extract_letter_hand_cases(reply, letter):
+def test_extract_letter_matches_lmms_eval_0_7_3(reply, letter):
     assert extract_letter(reply) == letter
 
 
-def test_extract_letter_keeps_lmms_eval_missing_comma_quirk():
-    # lmms-eval's list merges "Best answer:" "Best option:" into ONE prefix (missing comma), so "Best answer:"
-    # alone is not stripped and the B of "Best" is the first capital A-D: lmms-eval scores this reply as B.
-    assert extract_letter("Best answer: C") == "B"
-    assert extract_letter("Best answer:Best option: C") == "C"  # the merged string itself is stripped
-    assert extract_letter("The answer D") == "D"  # "The answer" is stripped, then D found
+def test_extract_letter_equals_lmms_eval_on_random_replies():
+    """Against lmms-eval's own function when the [lmms] extra is installed (CI installs it)."""
+    mcq = pytest.importorskip("lmms_eval.tasks._task_utils.mcq_extract")
+    import random
+
+    rng = random.Random(0)
+    parts = list("ABCDEabcd .:()!,?\n") + ["answer is ", "The best answer is", "选", "I choose ", "Option "]
+    for _ in range(5000):
+        reply = "".join(rng.choice(parts) for _ in range(rng.randint(0, 12)))
+        assert extract_letter(reply) == mcq.extract_mcq_answer(reply, choices=["A", "B", "C", "D"]), reply
 
 
 def test_prompt_matches_lmms_eval_layout():
     p = videomme_prompt("Which way?", ["A. left", "B. right", "C. up", "D. down"])
-    assert p == ("Select the best answer to the following multiple-choice question based on the video. Respond with "
-                 "only the letter (A, B, C, or D) of the correct option.\nWhich way?\nA. left\nB. right\nC. up\nD. down"
-                 "\n\nAnswer with the option's letter from the given choices directly.")
+    assert p == ("Select the best answer to the following multiple-choice question based on the video and the "
+                 "subtitles. Respond with only the letter (A, B, C, or D) of the correct option.\nWhich way?\nA. left"
+                 "\nB. right\nC. up\nD. down\n\nAnswer with the option's letter from the given choices directly.")
+
+
+def test_gold_answer_is_compared_exactly_as_lmms_eval_aggregates():
+    rows = [{"answer": a, "prediction": "A", "duration": "short", "task_type": "T", "domain": "X"}
+            for a in ("A", " A", "a")]
+    assert videomme_scores(rows)["accuracy"] == pytest.approx(100 / 3)  # only the exact "A" counts
 
 
 def test_scores_overall_and_breakdowns():
@@ -55,6 +82,8 @@ def test_scores_overall_and_breakdowns():
     assert s["by_duration"] == {"long": 0.0, "short": 100.0}
     assert s["by_task_type"] == {"Counting Problem": 50.0, "Temporal Reasoning": 50.0}
     assert s["by_domain"] == {"X": pytest.approx(66.67), "Y": 0.0}
+    rows[0]["sub_category"] = "S"
+    assert videomme_scores(rows)["by_sub_category"] == {"S": 100.0}
 
 
 def _objects(frame: np.ndarray) -> np.ndarray:
@@ -189,3 +218,31 @@ def test_sweep_on_both_benchmarks_writes_table_and_plots(tmp_path):
                   progress=False, bench="videomme", frames=8, max_new_tokens=2)
     assert vrows[0]["tokens"] == 97 and vrows[0]["llm_fraction"] == pytest.approx(97 / 393)
     assert set(vrows[0]["categories"]) <= set(TASKS.values())
+
+
+def test_lmms_eval_split_layout_and_repeated_shards(tmp_path):
+    """Records in the dataset snapshot, videos under $HF_HOME/videomme/data (lmms-eval's layout), via --videos."""
+    import shutil
+
+    from vtc.cli import _records
+    from vtc.eval.mme_data import load_mme, write_shapes_mme
+
+    write_shapes_video(tmp_path / "hf" / "videomme", 3000, per_cell=1)
+    snap = tmp_path / "snapshot" / "videomme"
+    snap.mkdir(parents=True)
+    shutil.move(str(tmp_path / "hf" / "videomme" / "videomme.parquet"), snap / "test-00000-of-00001.parquet")
+    with pytest.raises(FileNotFoundError, match="no video for"):
+        load_videomme(tmp_path / "snapshot")
+    recs = load_videomme(tmp_path / "snapshot", video_dir=tmp_path / "hf" / "videomme")
+    assert len(recs) == 12 and all(r.video_path.startswith(str(tmp_path / "hf")) for r in recs)
+
+    class Args:
+        bench, on, data, videos, limit, per_category = "videomme", "mme", str(tmp_path / "snapshot"), None, 0, 1
+    Args.videos = str(tmp_path / "hf" / "videomme")
+    assert [r.question_id for r in _records(Args)] == [r.question_id for r in recs]
+
+    write_shapes_mme(tmp_path / "mme", 3000, per_category=1)
+    (tmp_path / "mme" / "data").mkdir()
+    shutil.copy(tmp_path / "mme" / "mme.parquet", tmp_path / "mme" / "data" / "test-00000.parquet")
+    with pytest.warns(RuntimeWarning, match="10 repeated MME records"):
+        assert len(load_mme(tmp_path / "mme")) == 10

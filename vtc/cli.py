@@ -115,8 +115,11 @@ def _is_video(args) -> bool:
 
 
 def _load(args):
+    from .eval.runner import distributed_state
     from .zoo.models import default_model, default_video_model, load_model
 
+    state = distributed_state()
+    args.device = args.device or (str(state.device) if state else "cpu")
     if args.model:
         model, proc = load_model(args.model, args.device)
         label = args.model
@@ -145,7 +148,7 @@ def _records(args):
 
         data = args.data or _cached_split(f"shapes-video-s{TEST_SEED}-n{args.per_category}",
                                           lambda d: write_shapes_video(d, TEST_SEED, args.per_category))
-        recs = load_videomme(data)
+        recs = load_videomme(data, args.videos)
         recs = recs[: args.limit] if args.limit else recs
         return check_videos(recs)
     from .eval.mme_data import check_records
@@ -168,6 +171,8 @@ def _common(p: argparse.ArgumentParser) -> None:
                    "toy-llava-next / toy-llava-onevision (default: toy-llava; for Video-MME toy-llava-onevision)")
     p.add_argument("--data", help="MME: parquet file/folder or MME_Benchmark folder; Video-MME: records "
                    "(parquet/JSON) with data/<videoID>.mp4 (default: the ShapesMME / ShapesVideo test split)")
+    p.add_argument("--videos", help="Video-MME: the folder holding data/<videoID>.mp4 when the records live "
+                   "elsewhere (lmms-eval's layout: --data <snapshot with the parquet> --videos $HF_HOME/videomme)")
     p.add_argument("--per-category", type=_positive_int, default=40,
                    help="when generating: ShapesMME images per category / ShapesVideo clips per task x duration")
     p.add_argument("--limit", type=_nonnegative_int, default=0,
@@ -176,7 +181,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--canvas", type=_positive_int, default=112,
                    help="when generating ShapesMME: image side in px (224: the high-resolution split of the toy NeXT)")
     p.add_argument("--batch-size", type=_positive_int, default=8)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cpu; under accelerate launch, each process's "
+                   "own device)")
     p.add_argument("--out", help="output folder (run.json, predictions.jsonl, results.json); rerun the same "
                    "command to resume (a folder holding a run with other settings is refused)")
     p.add_argument("--overwrite", action="store_true", help="discard what --out holds and start the run again")
@@ -290,6 +296,8 @@ def _run(args) -> int:
 
         res = evaluate_videomme(model, proc, recs, args.out, frames=args.frames, method=args.method, ratio=args.ratio,
                                 tokens=args.tokens, **common)
+        if not res:  # not the main process of a multi-process run
+            return 0
         s = res["scores"]
         print(f"model: {label}")
         print(json.dumps({"method": res["config"]["method"], "ratio": args.ratio, "frames": args.frames,
@@ -300,6 +308,8 @@ def _run(args) -> int:
     if args.bench == "mme":
         res = evaluate_mme(model, proc, recs, args.out, method=args.method, ratio=args.ratio, tokens=args.tokens,
                            **common)
+        if not res:  # not the main process of a multi-process run
+            return 0
         s = res["scores"]
         print(f"model: {label}")
         print(json.dumps({"method": res["config"]["method"], "ratio": args.ratio,
@@ -310,7 +320,8 @@ def _run(args) -> int:
         return 0
     out = args.out or "runs/sweep"
     extra = {"bench": "videomme", "frames": args.frames} if video else {}
-    sweep(model, proc, recs, out, methods=args.methods, ratios=args.ratios, **common, **extra)
+    if not sweep(model, proc, recs, out, methods=args.methods, ratios=args.ratios, **common, **extra):
+        return 0  # not the main process of a multi-process run
     print(f"model: {label}")
     print((Path(out) / "table.md").read_text())
     print(f"plot: {Path(out) / 'sweep.png'}")

@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import io
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 from PIL import Image
 
@@ -35,18 +37,15 @@ class MMERecord:
         return "\t".join([self.question_id, self.question, self.answer, self.category, digest])
 
 
-ANSWERS = ("Yes", "No")
-
-
 def check_records(records: list[MMERecord], source: str | Path, images: bool = True) -> list[MMERecord]:
     """Raise ValueError naming the first record whose gold answer is not Yes/No or (``images``) whose image does
     not decode, so a bad file fails before a model is loaded, not at scoring time."""
     if not records:
         raise ValueError(f"{source} holds no MME records")
     for r in records:
-        if r.answer not in ANSWERS:
+        if not isinstance(r.answer, str) or r.answer.lower().strip().replace(".", "") not in ("yes", "no"):
             raise ValueError(f"{source}: record {r.question_id!r} has gold answer {r.answer!r}; MME answers are "
-                             "'Yes' or 'No'")
+                             "'Yes' or 'No' (any case, as lmms-eval reads them)")
         if images:
             try:
                 with Image.open(io.BytesIO(r.image_data())) as im:
@@ -65,12 +64,24 @@ def load_mme(path: str | Path) -> list[MMERecord]:
         return load_mme_parquet([path])
     parquets = sorted(path.glob("*.parquet")) + sorted(path.glob("data/*.parquet"))
     if parquets:
-        return load_mme_parquet(parquets)
+        return _unique(load_mme_parquet(parquets), path)
     root = path / "MME_Benchmark_release_version" if (path / "MME_Benchmark_release_version").is_dir() else path
     records = list(_iter_folder(root))
     if not records:
         raise ValueError(f"{path} holds neither parquet files nor MME_Benchmark category folders")
     return records
+
+
+def _unique(records: list[MMERecord], source: Path) -> list[MMERecord]:
+    """Drop repeated (question_id, question) records: a folder holding the same shard twice (a copy next to the
+    snapshot's ``data/``) must not count its questions twice."""
+    seen: dict[tuple[str, str], MMERecord] = {}
+    for r in records:
+        seen.setdefault((r.question_id, r.question), r)
+    if len(seen) < len(records):
+        warnings.warn(f"{source}: {len(records) - len(seen)} repeated MME records (the same question id and "
+                      "question in several parquet files) counted once", RuntimeWarning, stacklevel=3)
+    return list(seen.values())
 
 
 def load_mme_parquet(files: list[Path]) -> list[MMERecord]:
@@ -139,5 +150,23 @@ def write_shapes_mme(out: str | Path, seed: int, per_category: int, canvas: int 
             for q, a in scene.qa:
                 rows.append({"question_id": f"{cat}/{name}", "image": {"bytes": data, "path": name},
                              "question": q + " Please answer yes or no.", "answer": a, "category": cat})
-    pq.write_table(pa.Table.from_pylist(rows), out / "mme.parquet")
+    table = pa.Table.from_pylist(rows)
+    pq.write_table(table.replace_schema_metadata(hf_features_metadata(MME_FEATURES)), out / "mme.parquet")
     return out
+
+
+#: lmms-lab/MME's column types, as ``datasets`` records them in a parquet file's schema metadata
+MME_FEATURES = {"question_id": "string", "image": "Image", "question": "string", "answer": "string",
+                "category": "string"}
+
+
+def hf_features_metadata(features: dict[str, Any]) -> dict[bytes, bytes]:
+    """Parquet schema metadata in the form ``datasets`` writes: with it, ``datasets.load_dataset("parquet", ...)``
+    (and so lmms-eval) decodes the ``image`` column as images. ``features``: column -> "Image", a dtype, or
+    ["dtype"] for a list."""
+    def one(t: Any) -> dict:
+        if isinstance(t, list):
+            return {"feature": one(t[0]), "_type": "List"}
+        return {"_type": "Image"} if t == "Image" else {"dtype": t, "_type": "Value"}
+    info = {"info": {"features": {k: one(v) for k, v in features.items()}}}
+    return {b"huggingface": json.dumps(info).encode()}

@@ -88,35 +88,50 @@ def normalize(value: Any) -> Any:
 
 class RunStore:
     """``with RunStore(out, identity) as store:`` holds the folder's lock; ``store.done`` maps the keys of stored
-    predictions to their rows, ``store.append(rows)`` adds a batch of rows."""
+    predictions to their rows, ``store.append(rows)`` adds a batch of rows.
 
-    def __init__(self, out: str | Path, identity: dict[str, Any], overwrite: bool = False):
+    Under ``accelerate launch`` each process opens the store with its ``rank`` (of ``world``): rank 0 holds
+    ``.lock``, checks and writes ``run.json`` and appends to ``predictions.jsonl``; rank r > 0 holds ``.lock.rank<r>``
+    and appends to ``predictions.rank<r>.jsonl``. Every rank reads every file, so a restarted run (any process
+    killed) skips what any process finished; :meth:`merge` (rank 0, after all ranks finished) writes one
+    ``predictions.jsonl`` in record order, the same file a single process writes, and removes the shards."""
+
+    def __init__(self, out: str | Path, identity: dict[str, Any], overwrite: bool = False, rank: int = 0):
         self.out = Path(out)
         self.identity = normalize(identity)
         self.overwrite = overwrite
+        self.rank = rank
         self.done: dict[str, dict] = {}
         self._lock = None
 
     @property
     def predictions(self) -> Path:
-        return self.out / PREDICTIONS_FILE
+        """The file this process appends to."""
+        return self.out / (PREDICTIONS_FILE if self.rank == 0 else f"predictions.rank{self.rank}.jsonl")
+
+    @property
+    def _lock_file(self) -> Path:
+        return self.out / (LOCK_FILE if self.rank == 0 else f"{LOCK_FILE}.rank{self.rank}")
+
+    def _shards(self) -> list[Path]:
+        return sorted(self.out.glob("predictions.rank*.jsonl"))
 
     def __enter__(self) -> "RunStore":
         from filelock import FileLock, Timeout
 
         self.out.mkdir(parents=True, exist_ok=True)
-        lock = FileLock(str(self.out / LOCK_FILE))
+        lock = FileLock(str(self._lock_file))
+        owner = self._lock_file.with_name(self._lock_file.name + ".owner")
         try:
             lock.acquire(timeout=0)
         except Timeout:
-            owner = self.out / (LOCK_FILE + ".owner")
             who = owner.read_text().strip() if owner.exists() else "another process"
             raise RunError(f"another vtc run is writing to {self.out} ({who}); wait for it to finish or use "
                            "another --out") from None
         self._lock = lock
+        self._owner = owner
         try:
-            (self.out / (LOCK_FILE + ".owner")).write_text(
-                f"pid {os.getpid()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+            owner.write_text(f"pid {os.getpid()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
             self._open()
         except BaseException:
             self.__exit__(None, None, None)
@@ -125,31 +140,35 @@ class RunStore:
 
     def __exit__(self, *exc: Any) -> None:
         if self._lock is not None:
-            (self.out / (LOCK_FILE + ".owner")).unlink(missing_ok=True)
+            self._owner.unlink(missing_ok=True)
             self._lock.release()
             self._lock = None
 
     def _open(self) -> None:
         ident_file = self.out / IDENTITY_FILE
-        if self.overwrite:
-            for name in (PREDICTIONS_FILE, IDENTITY_FILE, "results.json"):
-                (self.out / name).unlink(missing_ok=True)
-        has_preds = self.predictions.exists() and self.predictions.stat().st_size > 0
+        main = self.out / PREDICTIONS_FILE
+        if self.overwrite and self.rank == 0:
+            for f in [main, ident_file, self.out / "results.json", *self._shards()]:
+                f.unlink(missing_ok=True)
+        files = [f for f in [main, *self._shards()] if f.exists() and f.stat().st_size > 0]
         if ident_file.exists():
             stored = json.loads(ident_file.read_text()).get("identity", {})
             diff = identity_diff(stored, self.identity)
             if diff:
                 raise RunError(f"{self.out} holds a run with other settings ({'; '.join(diff)}). Resume with the "
                                "same settings, use another --out, or pass --overwrite to discard it")
-        elif has_preds:
-            raise RunError(f"{self.predictions} has predictions but no {IDENTITY_FILE} (an older vtc wrote it), so "
+        elif files:
+            raise RunError(f"{files[0]} has predictions but no {IDENTITY_FILE} (an older vtc wrote it), so "
                            "its settings are unknown; use another --out, or pass --overwrite to discard it")
-        ident_file.write_text(json.dumps({"identity": self.identity}, indent=1) + "\n")
-        if has_preds:
-            self.done = self._read()
+        if self.rank == 0:
+            ident_file.write_text(json.dumps({"identity": self.identity}, indent=1) + "\n")
+        for f in files:
+            self.done.update(self._read(f, owner=f == self.predictions))
 
-    def _read(self) -> dict[str, dict]:
-        raw = self.predictions.read_bytes()
+    def _read(self, path: Path, owner: bool) -> dict[str, dict]:
+        """Rows of one predictions file. A torn last line is dropped (and cut off the file by its owner process,
+        with a warning); any other corrupt line is a :class:`RunError` naming file and line."""
+        raw = path.read_bytes()
         lines = raw.split(b"\n")
         torn = not raw.endswith(b"\n")  # the last line was cut during a write
         done: dict[str, dict] = {}
@@ -162,18 +181,18 @@ class RunStore:
                     raise ValueError("not a prediction record (no 'key')")
             except ValueError as e:
                 if torn and i == len(lines):
-                    keep = raw[: len(raw) - len(line)]
-                    self.predictions.write_bytes(keep)
-                    warnings.warn(f"{self.predictions}:{i}: dropped a cut last line ({len(line)} bytes, a run was "
-                                  "stopped while writing it); its question is generated again", RuntimeWarning,
-                                  stacklevel=3)
+                    if owner:
+                        path.write_bytes(raw[: len(raw) - len(line)])
+                        warnings.warn(f"{path}:{i}: dropped a cut last line ({len(line)} bytes, a run was stopped "
+                                      "while writing it); its question is generated again", RuntimeWarning,
+                                      stacklevel=4)
                     break
-                raise RunError(f"{self.predictions}:{i}: corrupt prediction line ({e}); fix or delete that line, "
+                raise RunError(f"{path}:{i}: corrupt prediction line ({e}); fix or delete that line, "
                                "or pass --overwrite to start the run again") from None
             done[rec["key"]] = rec
         else:
-            if torn and raw:  # a complete JSON line without its newline: end it so appends start a new line
-                with open(self.predictions, "ab") as f:
+            if torn and raw and owner:  # a complete JSON line without its newline: end it so appends start anew
+                with open(path, "ab") as f:
                     f.write(b"\n")
         return done
 
@@ -183,3 +202,18 @@ class RunStore:
             f.flush()
         for r in rows:
             self.done[r["key"]] = r
+
+    def merge(self, keys: list[str]) -> dict[str, dict]:
+        """Rank 0, once every process has finished: all rows, and ``predictions.jsonl`` rewritten in ``keys``
+        order (written to a temporary file, then renamed), the per-process files removed."""
+        shards = self._shards()
+        if not shards:
+            return self.done
+        for f in shards:
+            self.done.update(self._read(f, owner=False))
+        tmp = self.out / (PREDICTIONS_FILE + ".tmp")
+        tmp.write_text("".join(json.dumps(self.done[k]) + "\n" for k in keys if k in self.done))
+        os.replace(tmp, self.out / PREDICTIONS_FILE)
+        for f in shards:
+            f.unlink()
+        return self.done

@@ -7,14 +7,15 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-import torch
 from tqdm.auto import tqdm
 
 import vtc
 from vtc.api import describe_method
 
+from .generation import image_replies
 from .mme_data import MMERecord
 from .mme_scoring import mme_prompt, mme_scores
+from . import LMMS_EVAL_VERSION
 from .run_store import RunStore, model_identity, records_digest, versions
 
 
@@ -32,17 +33,8 @@ def resolve_method(method: str | None, ratio: float | None, tokens: int | None, 
 
 
 def _generate(model, processor, batch: list[MMERecord], max_new_tokens: int) -> list[str]:
-    prompts = []
-    for r in batch:
-        conv = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": mme_prompt(r.question)}]}]
-        prompts.append(processor.apply_chat_template(conv, add_generation_prompt=True))
-    inputs = processor(images=[r.image() for r in batch], text=prompts, return_tensors="pt", padding=True)
-    inputs = inputs.to(model.device)
-    if "pixel_values" in inputs:
-        inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
-    with torch.inference_mode():
-        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-    return [t.strip() for t in processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)]
+    return image_replies(model, processor, [mme_prompt(r.question) for r in batch], [r.image() for r in batch],
+                         max_new_tokens)
 
 
 def run_identity(model: Any, bench: str, method: Any, records: Sequence[Any], settings: dict) -> dict:
@@ -76,16 +68,26 @@ def run_resumable(
     its row's ``visual_tokens`` [before, after] and ``llm_visual_fraction``, so a resumed run still reports them."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1; got {batch_size}")
-    with (RunStore(out, identity, overwrite) if out else contextlib.nullcontext()) as store:
+    state = distributed_state()
+    rank, world = (state.process_index, state.num_processes) if state else (0, 1)
+    if world > 1 and not out:
+        raise ValueError("a multi-process run (accelerate launch) needs an output folder to merge its processes")
+    store = RunStore(out, identity, overwrite, rank=rank) if out else None
+    with (state.main_process_first() if state else contextlib.nullcontext()):  # rank 0 checks / writes run.json
+        if store:
+            store.__enter__()
+    try:
         done = store.done if store else {}
         todo = [r for r in records if key(r) not in done]
+        mine = todo[rank::world]  # this process's share of what is left
         patch = vtc.patch(model, method) if method is not None else None
         t_gen = 0.0
         try:
             label = f"{desc} {method.describe() if method is not None else 'none'}"
-            bar = tqdm(total=len(records), initial=len(records) - len(todo), disable=not progress, desc=label)
-            for i in range(0, len(todo), batch_size):
-                batch = list(todo[i:i + batch_size])
+            bar = tqdm(total=len(records), initial=len(records) - len(todo), disable=not progress or rank != 0,
+                       desc=label)
+            for i in range(0, len(mine), batch_size):
+                batch = list(mine[i:i + batch_size])
                 n_stats = len(patch.stats) if patch else 0
                 t0 = time.perf_counter()
                 preds = generate(batch)
@@ -97,13 +99,39 @@ def run_resumable(
                     store.append(recs)
                 else:
                     done.update((rec["key"], rec) for rec in recs)
-                bar.update(len(batch))
+                bar.update(len(batch) * world)
             bar.close()
             stats = patch.stats if patch else []
         finally:
             if patch:
                 patch.remove()
+        if state:
+            state.wait_for_everyone()
+        if rank != 0:
+            return [], stats, t_gen
+        if store and world > 1:
+            done = store.merge([key(r) for r in records])
         return [done[key(r)] for r in records], stats, t_gen
+    finally:
+        if store:
+            store.__exit__(None, None, None)
+
+
+def distributed_state():
+    """accelerate's process state when this run was started by ``accelerate launch`` with several processes
+    (records are then shared out by rank), else None."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    from accelerate import PartialState
+
+    return PartialState()
+
+
+def is_main_process() -> bool:
+    state = distributed_state()
+    return state is None or state.is_main_process
 
 
 def _row_compression(model: Any, prefill: Any, n_rows: int) -> list[dict]:
@@ -160,13 +188,15 @@ def evaluate_mme(
     built = resolve_method(method, ratio, tokens, hyperparameters)
     processor.tokenizer.padding_side = "left"
     out = Path(out_dir) if out_dir else None
-    settings = {"max_new_tokens": max_new_tokens, "prompt": "lmms-eval MME default"}
+    settings = {"max_new_tokens": max_new_tokens, "prompt": f"lmms-eval {LMMS_EVAL_VERSION} MME default"}
     identity = run_identity(model, "mme", built, records, settings) if out else {}
     preds, stats, t_gen = run_resumable(
         model, records, _key, lambda b: _generate(model, processor, b, max_new_tokens),
         lambda r, p: {"question_id": r.question_id, "category": r.category, "question": r.question,
                       "answer": r.answer, "prediction": p},
         out, built, identity, batch_size, "MME", progress, overwrite)
+    if not is_main_process():
+        return {}
     return save_results(out, {"method": method or "none", "ratio": ratio, "tokens": tokens,
                               "hyperparameters": hyperparameters, "batch_size": batch_size, **settings,
                               **({"identity": identity} if identity else {}), **(config or {})},
@@ -213,6 +243,8 @@ def sweep(
         for r in ratios:
             res = base if r >= 1.0 else evaluate(model, processor, records, out / f"{m}_{r}", method=m, ratio=r,
                                                  batch_size=batch_size, progress=progress, config=config, **eval_kwargs)
+            if not res:  # another process of a multi-process run: the main process scores and writes
+                continue
             s = res["scores"]
             if bench == "mme":
                 cats = {c: v["score"] for c, v in s["categories"].items()}
@@ -222,6 +254,8 @@ def sweep(
             rows.append({"method": m, "ratio": r, "score": score, "accuracy": acc,
                          "tokens": res["compression"]["visual_tokens_after"],
                          "llm_fraction": res["compression"]["llm_visual_fraction"] or 1.0, "categories": cats})
+    if not is_main_process():
+        return []
     (out / "sweep.json").write_text(json.dumps(rows, indent=1))
     (out / "table.md").write_text(sweep_table(rows))
     plot_sweep(rows, out / "sweep.png", ylabel=ylabel)

@@ -6,6 +6,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 VIDEO_EXTS = (".mp4", ".MP4", ".mkv")
+#: ShapesVideo's domain and sub-category: real Video-MME names, because lmms-eval's aggregation only accepts those
+DOMAIN, SUB_CATEGORY = "Life Record", "Daily Life"
 FIELDS = ("videoID", "question_id", "duration", "domain", "sub_category", "task_type", "question", "options", "answer")
 
 
@@ -62,7 +64,8 @@ def _find_video(root: Path, video_id: str) -> str | None:
 
 def load_videomme(path: str | Path, video_dir: str | Path | None = None) -> list[VideoMMERecord]:
     """Records from a parquet/JSON file or a folder holding one (``videomme.parquet``, ``test-*.parquet`` or
-    ``*.json``); videos are looked up as ``<video_dir or the folder>/data/<videoID>.mp4`` (or .MP4/.mkv)."""
+    ``*.json``); videos are looked up as ``<video_dir or the folder>/data/<videoID>.mp4`` (or .MP4/.mkv), so
+    lmms-eval's split layout works: the parquet in the dataset snapshot, ``video_dir=$HF_HOME/videomme``."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no Video-MME data at {path}")
@@ -91,7 +94,8 @@ def load_videomme(path: str | Path, video_dir: str | Path | None = None) -> list
     root = Path(video_dir) if video_dir else (path if path.is_dir() else path.parent)
     if not rows:
         raise ValueError(f"{path} holds no Video-MME records")
-    out = []
+    out: list[VideoMMERecord] = []
+    seen: set[str] = set()
     for row in rows:
         missing = [k for k in FIELDS if k not in row]
         if missing:
@@ -102,6 +106,9 @@ def load_videomme(path: str | Path, video_dir: str | Path | None = None) -> list
         rec.video_path = _find_video(root, rec.videoID)
         if rec.video_path is None:
             raise FileNotFoundError(f"no video for {rec.videoID} under {root / 'data'} ({'/'.join(VIDEO_EXTS)})")
+        if rec.question_id in seen:
+            continue  # the same record in two files (a copied shard): counted once
+        seen.add(rec.question_id)
         out.append(rec)
     return out
 
@@ -113,6 +120,7 @@ def write_shapes_video(out: str | Path, seed: int, per_cell: int = 2, side: int 
     import pyarrow.parquet as pq
 
     from ..video import write_video
+    from .mme_data import hf_features_metadata
     from ..zoo.shapes_video import DURATIONS, FPS, TASKS, ShapesVideoGenerator
 
     out = Path(out)
@@ -125,9 +133,11 @@ def write_shapes_video(out: str | Path, seed: int, per_cell: int = 2, side: int 
                 clip = gen.clip(task, duration)
                 vid = f"shapes-{seed}-{len(records):04d}"
                 write_video(clip.frames, out / "data" / f"{vid}.mp4", fps=FPS)
-                records.append(VideoMMERecord(vid, f"{vid}-1", duration, "Synthetic", "Shapes", task_type,
+                records.append(VideoMMERecord(vid, f"{vid}-1", duration, DOMAIN, SUB_CATEGORY, task_type,
                                               clip.question, clip.options, clip.answer))
     rows = [{k: v for k, v in asdict(r).items() if k != "video_path"} for r in records]
-    pq.write_table(pa.Table.from_pylist(rows), out / "videomme.parquet")
+    features = {k: ["string"] if k == "options" else "string" for k in FIELDS}
+    pq.write_table(pa.Table.from_pylist(rows).replace_schema_metadata(hf_features_metadata(features)),
+                   out / "videomme.parquet")
     (out / "videomme.json").write_text(json.dumps(rows, indent=1))
     return out

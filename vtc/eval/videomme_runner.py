@@ -4,40 +4,20 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Sequence
 
-import torch
 
 from ..video import load_video
-from .runner import compression_summary, resolve_method, run_identity, run_resumable, save_results
+from . import LMMS_EVAL_VERSION
+from .generation import video_replies
+from .runner import compression_summary, is_main_process, resolve_method, run_identity, run_resumable, save_results
 from .videomme_data import VideoMMERecord
 from .videomme_scoring import POST_PROMPT, extract_letter, videomme_prompt, videomme_scores
 
 
 def _generate(model, processor, batch: list[VideoMMERecord], frames: int, max_new_tokens: int,
               post_prompt: str) -> list[str]:
-    prompts, videos = [], []
-    for r in batch:
-        text = videomme_prompt(r.question, r.options, post_prompt)
-        conv = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": text}]}]
-        prompts.append(processor.apply_chat_template(conv, add_generation_prompt=True))
-        videos.append(list(load_video(r.video_path, frames)[0]))
-    # videos shorter than ``frames`` give fewer frames; models taking a (B, F, ...) tensor (OneVision) need one
-    # frame count per call, so each count is generated as its own sub-batch (same results as one call per row)
-    replies: list[str] = [""] * len(batch)
-    for n in sorted({len(v) for v in videos}):
-        rows = [i for i, v in enumerate(videos) if len(v) == n]
-        for i, reply in zip(rows, _generate_rows(model, processor, [prompts[i] for i in rows],
-                                                 [videos[i] for i in rows], max_new_tokens)):
-            replies[i] = reply
-    return replies
-
-
-def _generate_rows(model, processor, prompts: list[str], videos: list, max_new_tokens: int) -> list[str]:
-    inputs = processor(text=prompts, videos=videos, return_tensors="pt", padding=True).to(model.device)
-    if "pixel_values_videos" in inputs:
-        inputs["pixel_values_videos"] = inputs["pixel_values_videos"].to(model.dtype)
-    with torch.inference_mode():
-        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-    return [t.strip() for t in processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)]
+    texts = [videomme_prompt(r.question, r.options, post_prompt) for r in batch]
+    videos = [list(load_video(r.video_path, frames)[0]) for r in batch]
+    return video_replies(model, processor, texts, videos, max_new_tokens)
 
 
 def evaluate_videomme(
@@ -67,16 +47,19 @@ def evaluate_videomme(
         raise ValueError(f"frames must be >= 1; got {frames}")
     processor.tokenizer.padding_side = "left"
     out = Path(out_dir) if out_dir else None
-    settings = {"frames": frames, "max_new_tokens": max_new_tokens, "prompt": "lmms-eval Video-MME (w/o subtitles)",
-                "post_prompt": post_prompt}
+    settings = {"frames": frames, "max_new_tokens": max_new_tokens,
+                "prompt": f"lmms-eval {LMMS_EVAL_VERSION} Video-MME (w/o subtitles)", "post_prompt": post_prompt}
     identity = run_identity(model, "videomme", built, records, settings) if out else {}
     preds, stats, t_gen = run_resumable(
         model, records, lambda r: r.question_id,
         lambda b: _generate(model, processor, b, frames, max_new_tokens, post_prompt),
         lambda r, p: {"question_id": r.question_id, "videoID": r.videoID, "duration": r.duration,
-                      "domain": r.domain, "task_type": r.task_type, "answer": r.answer, "prediction": p,
+                      "domain": r.domain, "sub_category": r.sub_category, "task_type": r.task_type,
+                      "answer": r.answer, "prediction": p,
                       "extracted": extract_letter(p)},
         out, built, identity, batch_size, "Video-MME", progress, overwrite)
+    if not is_main_process():
+        return {}
     return save_results(out, {"method": method or "none", "ratio": ratio, "tokens": tokens,
                               "hyperparameters": hyperparameters, "batch_size": batch_size, **settings,
                               **({"identity": identity} if identity else {}), **(config or {})},

@@ -1,0 +1,1 @@
+"""vtc inside other harnesses (lmms-eval)."""
