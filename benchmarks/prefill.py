@@ -4,6 +4,7 @@
     python benchmarks/prefill.py --device cuda --llm-layers 32 --llm-width 4096   # full 7B shape on a GPU
     python benchmarks/prefill.py --model llava-next --methods globalcom2,cls,uniform --ratios 0.25,0.1
     python benchmarks/prefill.py --model onevision-video --methods cls,aim --ratios 0.25 --frames 32
+    python benchmarks/prefill.py --llm-layers 32 --methods aim,aim:pagerank=survivors --ratios 0.4375  # string options
 
 ``onevision-video``: SigLIP-so400m/14-384 shape (27 layers, 1152 wide, 729 patches, no CLS; ``--vision-layers``
 shrinks its depth for a CPU run, and the ideal then counts the shrunk tower), each frame pooled 2x2 to
@@ -28,6 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 import vtc  # noqa: E402
+from vtc.adapters.hf import output_cache  # noqa: E402
 from flops import llama_flops, projector_flops, vit_flops  # noqa: E402
 
 
@@ -95,7 +97,8 @@ def main() -> None:
     ap.add_argument("--llm-layers", type=int, default=8)
     ap.add_argument("--llm-width", type=int, default=2048)
     ap.add_argument("--methods", default="cls,uniform,fastv,aim",
-                    help="aim: merge to the ratio + prune with layers scaled from (13, 21)/32; fastv: k=2 (paper)")
+                    help="aim: merge to the ratio + prune with layers scaled from (13, 21)/32; fastv: k=2 (paper); "
+                    "name:key=value+key=value sets string options, e.g. aim:pagerank=survivors")
     ap.add_argument("--ratios", default="0.5,0.25,0.11")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=0, help="torch threads on CPU (0: default)")
@@ -137,7 +140,7 @@ def main() -> None:
         sync()
         dt = time.perf_counter() - t0
         peak = (torch.cuda.max_memory_allocated() - base_mem) / 2**20 if cuda else float("nan")
-        return dt, cache_mib(out.past_key_values), peak
+        return dt, cache_mib(output_cache(out)), peak
 
     class _Clock:
         """generate() streamer that timestamps each new token (its first put() is the prompt)."""
@@ -174,7 +177,9 @@ def main() -> None:
     for rep in range(args.repeats + 1 + cuda):
         for c in configs:
             method, ratio = c
-            p = vtc.patch(model, method, ratio=ratio) if method != "none" else None
+            name, _, opts = method.partition(":")  # "aim:pagerank=survivors+merge_mode=weighted"
+            hp = dict(kv.split("=", 1) for kv in opts.split("+") if kv)
+            p = vtc.patch(model, name, ratio=ratio, **hp) if method != "none" else None
             if p is not None and rep == sync_round:
                 p.sync_timing = True
             dt, kv[c], pk = run_once()

@@ -51,11 +51,16 @@ def test_left_padded_batch_equals_singles(llava4, llava_batch, method, kw):
 
 def test_schedule_counts_per_layer(make_llava, llava_batch):
     m = make_llava(text_layers=8)
-    p = vtc.patch(m, "aim", ratio=0.5, l1=2, l2=6)  # V = 32 after merging; 4 pruning steps of 1/4
+    p = vtc.patch(m, "aim", ratio=0.5, l1=2, l2=6, pagerank="survivors")  # V = 32; 4 pruning steps of 1/4
     greedy(m, llava_batch, n=2)
     st = p.stats[0]
     assert st.tokens_after == [32, 32]
     assert st.layer_tokens == {3: [24, 24], 4: [16, 16], 5: [8, 8], 6: [0, 0], 7: [0, 0]}
+    vtc.unpatch(m)
+    p = vtc.patch(m, "aim", ratio=0.5, l1=2, l2=6)  # reference: dropped tokens are computed as queries until 5
+    greedy(m, llava_batch, n=2)
+    assert p.stats[0].layer_tokens == {3: [32, 32], 4: [32, 32], 5: [32, 32], 6: [0, 0], 7: [0, 0]}
+    assert p.events["llm_layer.mask"] == 3  # one prefill: layers 2, 3, 4 mask, layer 5 removes
     vtc.unpatch(m)
     p = vtc.patch(m, "fastv", tokens=10, k=3)
     greedy(m, llava_batch, n=2)

@@ -51,7 +51,7 @@ def test_ratio_one_is_identity(next_batch, method):
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_cached_equals_uncached(next_batch, method, attn):
     m = tiny_llava_next(attn=attn)
-    p = vtc.patch(m, method, ratio=0.25)
+    p = vtc.patch(m, method, ratio=0.25, **({"anyres_merge": True} if method == "aim" else {}))
     cached = gen(m, next_batch, n=8)
     assert all(a < b for a, b in zip(p.stats[-1].tokens_after, next_batch["n"]))
     assert torch.equal(cached, gen(m, next_batch, n=8, use_cache=False))

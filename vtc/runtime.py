@@ -61,8 +61,8 @@ class Runtime(HookOwner):
     def score_requests(self) -> list[ScoreRequest]:
         return self.method.score_requests()
 
-    def budget(self, n: int) -> int:
-        return self.method.vision_budget(n)
+    def budget(self, n: int, grid: tuple[int, int] | None = None) -> int:
+        return self.method.vision_budget(n, grid)
 
     def llm_plan(self, num_layers: int):
         return self.method.llm_plan(num_layers)
@@ -78,7 +78,7 @@ class Runtime(HookOwner):
     ) -> Selection:
         """Run the method's ``vision`` site on one image's (N, D) features."""
         n = features.shape[0]
-        k = self.budget(n)
+        k = self.budget(n, grid)
         if k >= n and not getattr(self.method, "transforms_at_full_budget", False):
             return Selection(torch.arange(n, device=features.device))
         sel = self.method.select(VisualInput(features=features, budget=k, grid=grid, scores=scores))

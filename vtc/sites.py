@@ -37,6 +37,7 @@ class VisionInfo:
     score_layer: int | None = None  # last layer with global attention (None: feature_layer)
     llm_type: str = ""  # the LM config's model_type ("llama", "qwen2", ...)
     multi_view: bool = False  # images arrive as AnyRes views (thumbnail + crops) with a ViewLayout
+    mrope: bool = False  # the LM places visual tokens on a 2-D (M-RoPE) grid per frame (Qwen-VL)
 
 
 @dataclass(frozen=True)
@@ -99,7 +100,9 @@ class LLMLayerInput:
     k: (B, Hk, L, d) post-RoPE keys of the current (possibly already pruned) sequence;
     allowed: (B, Q, L) bool, True where a query may attend (causal and not padding);
     visual: (B, L) bool, visual tokens still present; valid: (B, L) bool, non-padding slots;
-    visual_input: (B,) visual tokens each row had at the LLM input (the base of schedules).
+    visual_input: (B,) visual tokens each row had at the LLM input (the base of schedules);
+    dropped: (B, L) bool, tokens an earlier layer dropped that are still present as queries only (methods whose
+    ``llm_keeps_dropped_queries()`` is True; they are masked as keys in ``allowed``), else None.
     """
 
     layer: int
@@ -111,3 +114,4 @@ class LLMLayerInput:
     visual: torch.Tensor
     valid: torch.Tensor
     visual_input: torch.Tensor
+    dropped: torch.Tensor | None = None

@@ -87,9 +87,10 @@ def output_cache(output: Any) -> Any | None:
     return None
 
 
-def seq_length(cache: Any | None) -> int:
-    """Tokens already in ``cache`` (0 for no cache)."""
-    return int(cache.get_seq_length()) if cache is not None else 0
+def seq_length(cache: Any | None, layer: int = 0) -> int:
+    """Tokens already in ``cache`` at decoder layer ``layer`` (0 for no cache). Layers of a pruned prefill hold
+    fewer entries than layer 0, and layer 0 is updated first within a forward pass."""
+    return int(cache.get_seq_length(layer)) if cache is not None else 0
 
 
 def check_not_kernelized(model: nn.Module) -> None:

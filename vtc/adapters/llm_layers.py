@@ -36,6 +36,7 @@ class _Prefill:
     valid: torch.Tensor  # (B, Lc)
     visual: torch.Tensor  # (B, Lc)
     visual_input: torch.Tensor  # (B,)
+    key_ok: torch.Tensor | None = None  # (B, Lc) False for dropped tokens kept as queries only
     allowed_in: torch.Tensor | None = None  # (B, Lk, Lk) bool, LM-input layout
     cos_sin: tuple[torch.Tensor, torch.Tensor] | None = None  # full LM-input rotary tables
     position_ids: torch.Tensor | None = None
@@ -66,6 +67,8 @@ class LLMLayerPruner(HookOwner):
         self.rt = runtime
         self.inputs = inputs
         self.plan = {i: q for i, q in runtime.llm_plan(len(self.layers)).items() if 0 <= i < len(self.layers) - 1}
+        #: dropped tokens stay as queries (masked as keys) until the last planned layer, where they leave
+        self.query_only_drops = bool(self.plan) and runtime.method.llm_keeps_dropped_queries()
         impl = getattr(lm.config, "_attn_implementation", "sdpa")
         if impl not in ("sdpa", "eager"):
             raise ValueError(f"in-LLM pruning supports sdpa and eager attention; this LM uses {impl!r}")
@@ -110,7 +113,7 @@ class LLMLayerPruner(HookOwner):
         valid = mask.bool() if mask is not None else torch.ones(b, lk, dtype=torch.bool, device=embeds.device)
         visual = self.inputs.prefill_visual.to(embeds.device)
         idx = torch.arange(lk, device=embeds.device).expand(b, lk)
-        self.ctx = _Prefill(idx, valid, visual & valid, (visual & valid).sum(-1))
+        self.ctx = _Prefill(idx, valid, visual & valid, (visual & valid).sum(-1), key_ok=valid.clone())
         mem = next((m for m in reversed(self.memories) if m.prefix.shape[0] == b and m.prefix.shape[1] < lk
                     and torch.equal(m.prefix, embeds[:, : m.prefix.shape[1]])), None)
         if mem is not None:
@@ -147,7 +150,7 @@ class LLMLayerPruner(HookOwner):
         if state is None or j not in state:
             return None
         with self.rt.timed():
-            out = self._rewrite_decode(state[j], kwargs)
+            out = self._rewrite_decode(state[j], kwargs, j)
         self.rt.events["llm_layer.decode"] += 1
         return args, out
 
@@ -179,9 +182,10 @@ class LLMLayerPruner(HookOwner):
     def _current_allowed(self, ctx: _Prefill) -> torch.Tensor:
         ix = ctx.index
         rows = ctx.allowed_in.gather(1, ix[:, :, None].expand(-1, -1, ctx.allowed_in.shape[2]))
-        allowed = rows.gather(2, ix[:, None, :].expand(-1, ix.shape[1], -1)) & ctx.valid[:, None, :]
+        allowed = rows.gather(2, ix[:, None, :].expand(-1, ix.shape[1], -1)) & (ctx.valid & ctx.key_ok)[:, None, :]
         eye = torch.eye(ix.shape[1], dtype=torch.bool, device=ix.device)[None]
-        return allowed | (eye & ~ctx.valid[:, :, None])  # padding rows attend to themselves (no NaN)
+        # padding rows (and a query-only row with no key left) attend to themselves: no NaN, no effect on others
+        return allowed | (eye & ~allowed.any(-1, keepdim=True))
 
     def _rewrite_prefill(self, ctx: _Prefill, kwargs: dict[str, Any]) -> dict[str, Any]:
         out = dict(kwargs)
@@ -195,7 +199,8 @@ class LLMLayerPruner(HookOwner):
         out["attention_mask"] = self._format_mask(self._current_allowed(ctx), cos.dtype, ctx.mask_kind)
         return out
 
-    def _rewrite_decode(self, state: tuple[torch.Tensor, torch.Tensor, int], kwargs: dict[str, Any]) -> dict[str, Any]:
+    def _rewrite_decode(self, state: tuple[torch.Tensor, torch.Tensor, int], kwargs: dict[str, Any],
+                        layer: int) -> dict[str, Any]:
         index, valid, lk = state
         mask = kwargs.get("attention_mask")
         out = dict(kwargs)
@@ -205,7 +210,7 @@ class LLMLayerPruner(HookOwner):
                 return kwargs
             q = (kwargs.get("hidden_states") if "hidden_states" in kwargs else None)
             q_len = q.shape[1] if q is not None else 1
-            total_new = seq_length(cache_of(kwargs)) + q_len - lk
+            total_new = seq_length(cache_of(kwargs), layer) + q_len - lc  # this layer's own cache length
             new = torch.ones(total_new, dtype=torch.bool, device=valid.device).expand(b, total_new)
             cols = torch.cat([valid, new], 1)[:, None, None, :].expand(b, 1, q_len, lc + total_new).clone()
             if q_len > 1:
@@ -250,26 +255,38 @@ class LLMLayerPruner(HookOwner):
             keep = self.rt.llm_keep(self._layer_input(i, layer.self_attn, ctx))
             if bool((ctx.valid & ~ctx.visual & ~keep).any()):
                 raise RuntimeError(f"method {self.rt.method.name!r} dropped text tokens at layer {i}")
-            keep = keep & ctx.valid
+            keep = keep & ctx.valid & ctx.key_ok
         in_layout = torch.zeros(ctx.valid.shape[0], ctx.allowed_in.shape[1], dtype=torch.bool, device=keep.device)
         in_layout.scatter_(1, ctx.index, keep & ctx.valid)
         ctx.decisions[i] = in_layout
         for k in ("q", "k", "rope"):
             ctx.captured.pop(k, None)
+        ctx.pruned = True
+        self.rt.events["llm_layer.prune"] += 1
+        if self.query_only_drops and i < max(self.plan):  # dropped tokens stay as queries only, masked as keys
+            ctx.key_ok = keep
+            self.rt.events["llm_layer.mask"] += 1
+            for j in range(i + 1, len(self.layers)):
+                ctx.layouts[j] = (ctx.index, ctx.valid & ctx.key_ok)
+            self._count_layer_tokens(i, ctx)
+            return hidden
         idx, valid = left_repad_index(keep)
         ctx.index = ctx.index.gather(1, idx)
         ctx.valid = valid
+        ctx.key_ok = valid.clone()
         ctx.visual = ctx.visual.gather(1, idx) & valid
-        ctx.pruned = True
-        self.rt.events["llm_layer.prune"] += 1
         for j in range(i + 1, len(self.layers)):
             ctx.layouts[j] = (ctx.index, ctx.valid)
+        self._count_layer_tokens(i, ctx)
+        return gather_rows(hidden, idx)
+
+    def _count_layer_tokens(self, i: int, ctx: _Prefill) -> None:
+        """Visual tokens the layers after ``i`` process (query-only ones included: they cost compute)."""
         st = self.inputs.last_stats
         if st is not None:
             counts = ctx.visual.sum(-1).tolist()
             for j in range(i + 1, len(self.layers)):
                 st.layer_tokens[j] = counts
-        return gather_rows(hidden, idx)
 
     def _layer_input(self, i: int, attn: nn.Module, ctx: _Prefill) -> LLMLayerInput:
         cap = ctx.captured
@@ -293,8 +310,10 @@ class LLMLayerPruner(HookOwner):
             allowed = allowed.gather(1, last[:, None, None].expand(b, 1, l))
         else:
             q, k = self.rope(q, k, cos, sin)
+        dropped = ctx.valid & ~ctx.key_ok
         return LLMLayerInput(layer=i, num_layers=len(self.layers), q=q, k=k, scale=attn.scaling, allowed=allowed,
-                             visual=ctx.visual, valid=ctx.valid, visual_input=ctx.visual_input)
+                             visual=ctx.visual, valid=ctx.valid, visual_input=ctx.visual_input,
+                             dropped=dropped if bool(dropped.any()) else None)
 
     def _restore(self, module: nn.Module, args: tuple, output: torch.Tensor):
         ctx = self.ctx

@@ -57,7 +57,8 @@ class QwenVLAdapter(Adapter):
             score_layer = max(self.visual.fullatt_block_indexes)
         self._info = VisionInfo(num_layers=len(self.blocks), feature_layer=len(self.blocks) - 1, has_cls=False,
                                 grid=None, llm_layers=len(self.base.language_model.layers),
-                                llm_type=getattr(cfg.text_config, "model_type", ""), score_layer=score_layer)
+                                llm_type=getattr(cfg.text_config, "model_type", ""), score_layer=score_layer,
+                                mrope=True)
         self._rope = module_function(self.blocks[0].attn, "apply_rotary_pos_emb_vision")
 
     def vision_info(self) -> VisionInfo:

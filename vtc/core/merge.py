@@ -20,16 +20,19 @@ def _add_at(base: torch.Tensor, idx: torch.Tensor, src: torch.Tensor) -> torch.T
 
 
 def bipartite_merge(
-    metric: torch.Tensor, x: torch.Tensor, r: int, size: torch.Tensor, slot: torch.Tensor, mode: str = "weighted"
+    metric: torch.Tensor, x: torch.Tensor, r: int, size: torch.Tensor, slot: torch.Tensor, mode: str = "mean",
+    order: str = "reference",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """One round of bipartite soft matching.
 
     metric: (T, C) similarity features; x: (T, D) features; size: (T,) tokens each entry stands for; slot:
     (T,) original index each entry sits at (or each with a leading batch dim B). Even positions are sources,
     odd positions destinations; the r sources with the most similar destination (cosine) are merged into it.
-    ``mode="weighted"`` averages by size (ToMe); ``mode="mean"`` is AIM's reference (plain mean of a
-    destination and its sources). Returns (metric, x, size, slot) of the T - r survivors, sorted by slot
-    (raster order kept).
+    ``mode="mean"`` is AIM's reference (plain mean of a destination and its sources, metric included);
+    ``mode="weighted"`` averages by size (ToMe). Returns (metric, x, size, slot) of the T - r survivors:
+    ``order="reference"`` in AIM's order, [unmerged sources by descending similarity, then destinations] (the
+    next round's even/odd split runs on it); ``order="raster"`` sorted by slot. Ties in similarity keep the
+    earlier source first (a stable sort; the reference's unstable argsort leaves them to the device).
     """
     single = x.dim() == 2
     if single:
@@ -39,8 +42,8 @@ def bipartite_merge(
     if r > 0:
         m = F.normalize(metric.float(), dim=-1)
         best, best_dst = (m[:, 0::2] @ m[:, 1::2].transpose(1, 2)).max(dim=-1)  # (B, Ta)
-        order = best.argsort(dim=-1, descending=True, stable=True)
-        src_idx, unm_idx = order[:, :r], order[:, r:]
+        rank = best.argsort(dim=-1, descending=True, stable=True)
+        src_idx, unm_idx = rank[:, :r], rank[:, r:]
         dst_idx = gather_rows(best_dst, src_idx)
         w = size.float() if mode == "weighted" else torch.ones_like(size, dtype=torch.float)
         ws, wd = w[:, 0::2], w[:, 1::2]
@@ -59,20 +62,31 @@ def bipartite_merge(
         size_merged = _add_at(size_dst, dst_idx, gather_rows(size_src, src_idx))
         size_new = torch.cat([gather_rows(size_src, unm_idx), size_merged], 1)
         slot_new = torch.cat([gather_rows(slot[:, 0::2], unm_idx), slot[:, 1::2]], 1)
-        order = slot_new.argsort(dim=1)
-        metric = gather_rows(torch.cat([k_unm, k_dst], 1), order)
-        x = gather_rows(torch.cat([x_unm, x_dst], 1), order)
-        size, slot = gather_rows(size_new, order), gather_rows(slot_new, order)
+        metric, x = torch.cat([k_unm, k_dst], 1), torch.cat([x_unm, x_dst], 1)
+        size, slot = size_new, slot_new
+        if order == "raster":
+            metric, x, size, slot = _by_slot(metric, x, size, slot)
     if single:
         return metric[0], x[0], size[0], slot[0]
     return metric, x, size, slot
 
 
-def merge_to(metric: torch.Tensor, x: torch.Tensor, k: int, mode: str = "weighted",
-             schedule: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _by_slot(metric, x, size, slot):
+    """Every tensor re-ordered by ascending slot (one sequence (T, ...) or a batch (B, T, ...))."""
+    order = slot.argsort(dim=-1)
+    if slot.dim() == 1:
+        return metric[order], x[order], size[order], slot[order]
+    return (gather_rows(metric, order), gather_rows(x, order), gather_rows(size, order), gather_rows(slot, order))
+
+
+def merge_to(metric: torch.Tensor, x: torch.Tensor, k: int, mode: str = "mean",
+             schedule: list[int] | None = None, order: str = "reference") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Merge (T, D) tokens, or each of B sequences (B, T, D), down to exactly k by repeated halving rounds
-    (r = min(T // 2, T - k)), or by an explicit list of per-round r. Returns (features (k, D), sizes (k,),
-    slots (k,) ascending), each with the leading B for batched input."""
+    (r = min(T // 2, T - k)), or by an explicit list of per-round r; ``mode`` and ``order`` as in
+    :func:`bipartite_merge`. Returns (features (k, D), sizes (k,), slots (k,) ascending: each survivor at its
+    destination's original index), each with the leading B for batched input."""
+    if mode not in ("mean", "weighted") or order not in ("reference", "raster"):
+        raise ValueError(f"mode must be 'mean' or 'weighted' and order 'reference' or 'raster'; got {mode!r}, {order!r}")
     t = x.shape[-2]
     lead = x.shape[:-2]
     size = torch.ones(*lead, t, device=x.device)
@@ -86,5 +100,6 @@ def merge_to(metric: torch.Tensor, x: torch.Tensor, k: int, mode: str = "weighte
             r = min(cur // 2, cur - k)
         else:
             break
-        metric, x, size, slot = bipartite_merge(metric, x, r, size, slot, mode)
+        metric, x, size, slot = bipartite_merge(metric, x, r, size, slot, mode, order)
+    _, x, size, slot = _by_slot(metric, x, size, slot)
     return x, size, slot

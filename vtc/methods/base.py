@@ -36,8 +36,9 @@ class Method:
     def score_requests(self) -> list[ScoreRequest]:
         return []
 
-    def vision_budget(self, n: int) -> int:
-        """Tokens kept out of n at the ``vision`` site (n means: leave the image untouched)."""
+    def vision_budget(self, n: int, grid: tuple[int, int] | None = None) -> int:
+        """Tokens kept out of n at the ``vision`` site (n means: leave the image untouched); ``grid``: the
+        (rows, cols) of those n tokens when they form one."""
         if "vision" not in self.sites:
             return n
         return resolve_budget(n, self.ratio, self.tokens)
@@ -67,7 +68,7 @@ class Method:
         for v in lay.views():
             slots = torch.nonzero(lay.view == v).flatten()
             n = slots.numel()
-            k = (resolve_budget(n, self.tokens / n_visual) if self.tokens is not None else self.vision_budget(n))
+            k = (resolve_budget(n, self.tokens / n_visual) if self.tokens is not None else self.vision_budget(n, lay.view_grid(v)))
             if k >= n and not self.transforms_at_full_budget:
                 index.append(slots)
                 feats.append(None)
@@ -96,6 +97,12 @@ class Method:
     def llm_plan(self, num_layers: int) -> dict[int, QueryKind]:
         """Decoder layers after which this method prunes (``llm_layer`` site), and the queries it needs."""
         return {}
+
+    def llm_keeps_dropped_queries(self) -> bool:
+        """True: tokens dropped after a planned layer stay in the sequence as queries only (masked as keys) until
+        the last planned layer, so later decisions see their attention rows (AIM's reference masks rather than
+        removes); they are removed there. False (default): dropped tokens leave the sequence at once."""
+        return False
 
     def llm_keep(self, inp: LLMLayerInput) -> torch.Tensor:  # pragma: no cover - abstract
         """(B, L) bool keep mask after layer ``inp.layer``; must keep every valid non-visual token."""

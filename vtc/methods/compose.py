@@ -29,8 +29,11 @@ class Compose(Method):
     def score_requests(self) -> list[ScoreRequest]:
         return self.first.score_requests()
 
-    def vision_budget(self, n: int) -> int:
-        return self.first.vision_budget(n)
+    def llm_keeps_dropped_queries(self) -> bool:
+        return self.second.llm_keeps_dropped_queries()
+
+    def vision_budget(self, n: int, grid: tuple[int, int] | None = None) -> int:
+        return self.first.vision_budget(n, grid)
 
     def select(self, visual: VisualInput) -> Selection:
         return self.first.select(visual)
