@@ -141,6 +141,11 @@ class LLMInputPruner(HookOwner):
                 out = kwargs  # nothing dropped: leave every input untouched (exact identity)
                 self.prefill_visual = visual
             else:
+                mask = kwargs.get("attention_mask")
+                if isinstance(mask, torch.Tensor) and mask.dim() == 2:
+                    # re-pack the real tokens only: a short row's old left padding must not set the batch length
+                    keep = keep & mask.bool().to(keep.device)
+                    keep[:, -1] = True
                 out = self._gather(kwargs, keep)
                 self.runtime.events["llm_input.prefill_gather"] += 1
                 index, valid, _ = self._restore
