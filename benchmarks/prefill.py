@@ -105,7 +105,12 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=1, help="prompts per forward pass, each with its own random image")
     ap.add_argument("--decode", type=int, default=0,
                     help="also time generate() for this many new tokens and report decode ms/token (0: off)")
+    ap.add_argument("--kernels", choices=["auto", "torch", "triton"], default="auto",
+                    help="vtc.kernels backend (triton: Triton kernels on CUDA; torch: the reference)")
     args = ap.parse_args()
+    from vtc import kernels
+
+    kernels.set_backend(args.kernels)
     if args.threads:
         torch.set_num_threads(args.threads)
     model, dtype = build(args)

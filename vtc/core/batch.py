@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import torch
 
+from .. import kernels
+
 
 def left_repad_index(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Turn a boolean keep mask (B, L) into a gather index (B, Lk) and a validity mask (B, Lk).
@@ -23,11 +25,9 @@ def left_repad_index(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """``x[b, index[b, j]]`` for x of shape (B, L, ...) and index (B, Lk).
-
-    Advanced indexing, not ``gather`` with an expanded index: same result, and on a CPU several times faster for
-    wide rows (``gather`` walks the expanded index element by element)."""
-    return x[torch.arange(x.shape[0], device=x.device)[:, None], index]
+    """``x[b, index[b, j]]`` for x of shape (B, L, ...) and index (B, Lk): :func:`vtc.kernels.gather_rows` (a
+    Triton kernel on CUDA, the torch reference elsewhere)."""
+    return kernels.gather_rows(x, index)
 
 
 def scatter_rows(x: torch.Tensor, index: torch.Tensor, valid: torch.Tensor, length: int) -> torch.Tensor:

@@ -1,0 +1,78 @@
+"""vtc.kernels: each Triton kernel equals its torch reference (run on CPU under TRITON_INTERPRET=1, in a fresh
+process because the interpreter is chosen when Triton is imported), and the backend switch (issue #24)."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from vtc import kernels
+from vtc.kernels import reference
+
+pytest.importorskip("triton")
+
+CHECK = r"""
+import torch
+from vtc import kernels
+from vtc.kernels import reference
+g = torch.Generator().manual_seed(0)
+cases = 0
+for b, l, k, trailing, dtype in [(2, 7, 5, (3,), torch.float32), (3, 11, 1, (), torch.int64), (1, 5, 0, (4,), torch.float32),
+                                 (2, 9, 9, (2, 3), torch.float16), (2, 6, 4, (5,), torch.bool), (4, 33, 17, (129,), torch.float32),
+                                 (2, 8, 3, (1,), torch.bfloat16)]:
+    x = (torch.randn(b, l, *trailing, generator=g) * 10).to(dtype)
+    idx = torch.randint(0, l, (b, k), generator=g)
+    got, want = kernels.gather_rows(x, idx), reference.gather_rows(x, idx)
+    assert got.dtype == want.dtype and got.shape == want.shape and torch.equal(got, want), (b, l, k, trailing, dtype)
+    cases += 1
+table = torch.randn(1, 10, 6, generator=g)  # one rotary table for every row
+idx = torch.randint(0, 10, (3, 4), generator=g)
+assert torch.equal(kernels.gather_rows(table, idx), reference.gather_rows(table, idx))
+assert kernels.calls["triton.gather_rows"] == cases + 1 and kernels.calls["torch.gather_rows"] == 0
+print("ok", cases + 1)
+"""
+
+
+def test_triton_gather_equals_the_torch_reference_under_the_interpreter():
+    env = dict(os.environ, TRITON_INTERPRET="1", VTC_KERNELS="triton")
+    run = subprocess.run([sys.executable, "-c", CHECK], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and run.stdout.startswith("ok 8"), run.stdout + run.stderr[-3000:]
+
+
+def test_backend_switch(monkeypatch):
+    x, idx = torch.randn(2, 5, 3), torch.tensor([[4, 0], [1, 1]])
+    monkeypatch.setenv("VTC_KERNELS", "torch")
+    before = kernels.calls["torch.gather_rows"]
+    assert torch.equal(kernels.gather_rows(x, idx), reference.gather_rows(x, idx))
+    assert kernels.calls["torch.gather_rows"] == before + 1
+    monkeypatch.setenv("VTC_KERNELS", "auto")
+    kernels.gather_rows(x, idx)  # CPU tensors: auto takes the reference
+    assert kernels.calls["torch.gather_rows"] == before + 2
+    monkeypatch.setenv("VTC_KERNELS", "cuda-please")
+    with pytest.raises(ValueError, match="allowed: auto, torch, triton"):
+        kernels.gather_rows(x, idx)
+    monkeypatch.setenv("VTC_KERNELS", "triton")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(RuntimeError, match="CUDA tensors"):
+        kernels.gather_rows(x, idx)
+    with pytest.raises(ValueError, match="unknown kernel backend"):
+        kernels.set_backend("fast")
+    kernels.set_backend("torch")
+    try:
+        assert kernels.backend() == "torch"
+        kernels.gather_rows(x, idx)  # the override wins over VTC_KERNELS=triton
+    finally:
+        kernels.set_backend(None)
+
+
+def test_a_patched_model_runs_its_gathers_through_the_kernels(monkeypatch):
+    """Every re-pack of the LM input goes through vtc.kernels (here the torch reference on CPU)."""
+    from vtc.zoo.tiny import llava_prompt, tiny_llava
+    import vtc
+
+    m = tiny_llava(image_size=64)
+    vtc.patch(m, "cls", ratio=0.25)
+    before = kernels.calls["torch.gather_rows"]
+    m(input_ids=torch.tensor([llava_prompt(64, [1, 5], [7, 8])]), pixel_values=torch.randn(1, 3, 64, 64))
+    assert kernels.calls["torch.gather_rows"] > before

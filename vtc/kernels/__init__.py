@@ -1,0 +1,73 @@
+"""vtc's fused operations: one Python signature each, a Triton implementation and a torch reference.
+
+The backend is chosen once per call from ``VTC_KERNELS`` (or :func:`set_backend`): ``torch`` (the reference,
+everywhere), ``triton`` (Triton kernels; on CPU tensors only under ``TRITON_INTERPRET=1``, as the tests run them),
+``auto`` (default: Triton for CUDA tensors when Triton imports, else torch). ``calls`` counts which
+implementation ran, so tests can prove the kernel path was taken.
+"""
+from __future__ import annotations
+
+import os
+from collections import Counter
+
+import torch
+
+from . import reference
+
+BACKENDS = ("auto", "torch", "triton")
+_override: str | None = None
+#: how often each implementation ran ("torch.gather_rows", "triton.gather_rows", ...)
+calls: Counter[str] = Counter()
+
+
+def set_backend(name: str | None) -> None:
+    """Force a backend for this process (None: back to ``VTC_KERNELS`` / auto)."""
+    global _override
+    if name is not None and name not in BACKENDS:
+        raise ValueError(f"unknown kernel backend {name!r}; allowed: {', '.join(BACKENDS)}")
+    _override = name
+
+
+def backend() -> str:
+    """The configured backend name (``auto``, ``torch`` or ``triton``)."""
+    name = _override or os.environ.get("VTC_KERNELS", "auto")
+    if name not in BACKENDS:
+        raise ValueError(f"VTC_KERNELS={name!r} is not a kernel backend; allowed: {', '.join(BACKENDS)}")
+    return name
+
+
+def _triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _use_triton(t: torch.Tensor) -> bool:
+    name = backend()
+    if name == "torch":
+        return False
+    interpret = os.environ.get("TRITON_INTERPRET") == "1"
+    if name == "triton":
+        if not _triton_available():
+            raise ImportError("VTC_KERNELS=triton needs Triton: pip install 'vtc[kernels]'")
+        if t.device.type != "cuda" and not interpret:
+            raise RuntimeError("the Triton kernels run on CUDA tensors (or on CPU under TRITON_INTERPRET=1); "
+                               f"got a {t.device.type} tensor: use VTC_KERNELS=torch or auto")
+        return True
+    return t.device.type == "cuda" and _triton_available()
+
+
+def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``x[b, index[b, j]]`` for x (B, L, ...) and index (B, K): the ragged re-pack of kept rows."""
+    if _use_triton(x):
+        from .triton_gather import gather_rows as triton_gather
+
+        calls["triton.gather_rows"] += 1
+        return triton_gather(x, index)
+    calls["torch.gather_rows"] += 1
+    return reference.gather_rows(x, index)
+
+
+__all__ = ["BACKENDS", "backend", "set_backend", "gather_rows", "calls"]
