@@ -1,0 +1,115 @@
+"""Uniform asymmetric quantization at 2, 4 and 8 bits with real bit-packing into ``uint8`` — the storage of a
+mixed-precision KV cache (ZipVL reuses ZipCache's quantizers; ``shared/research/zipvl_hack_var.md`` §1.4).
+
+- :func:`pack_bits` / :func:`unpack_bits`: 4-bit values two per byte (the first half of the last dimension in
+  the low nibble, the second half in the high nibble), 2-bit values four per byte in quarters, as ZipCache packs
+  them; a last dimension that does not divide is zero-padded and cut again on unpacking.
+- :func:`quantize_keys`: channel-wise (min / max per channel over the set's tokens).
+- :func:`quantize_values`: channel-separable token-wise (divide by sqrt(max |V|) per channel, then min / max per
+  token over all channels; dequantized as (q * step + min) * c).
+
+Statistics are taken per batch row (ZipCache pools them over the batch): a row's quantized cache then does not
+depend on the other rows, so a batch still equals its single runs. Torch reference; fused kernels share these
+signatures.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+BITS = (2, 4, 8)
+
+
+def _check_bits(bits: int) -> None:
+    if bits not in BITS:
+        raise ValueError(f"unsupported bit width {bits!r}; allowed: {', '.join(map(str, BITS))}")
+
+
+def pack_bits(q: torch.Tensor, bits: int) -> torch.Tensor:
+    """``q`` (..., n) integers in [0, 2**bits) -> uint8 (..., ceil(n * bits / 8))."""
+    _check_bits(bits)
+    q = q.to(torch.uint8)
+    if bits == 8:
+        return q.contiguous()
+    per = 8 // bits
+    n = q.shape[-1]
+    m = -(-n // per) * per
+    if m != n:
+        q = torch.nn.functional.pad(q, (0, m - n))
+    parts = q.reshape(*q.shape[:-1], per, m // per)  # part k = the k-th contiguous slice of the last dim
+    out = torch.zeros(*q.shape[:-1], m // per, dtype=torch.uint8, device=q.device)
+    for k in range(per):
+        out |= parts[..., k, :] << (bits * k)
+    return out
+
+
+def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    """Inverse of :func:`pack_bits`: uint8 (..., ceil(n * bits / 8)) -> uint8 (..., n)."""
+    _check_bits(bits)
+    if bits == 8:
+        return packed[..., :n]
+    per, mask = 8 // bits, (1 << bits) - 1
+    parts = [(packed >> (bits * k)) & mask for k in range(per)]
+    return torch.cat(parts, dim=-1)[..., :n]
+
+
+@dataclass
+class Quantized:
+    """A packed tensor and what dequantizes it: ``x ~ (q * step + minimum) * channel`` (channel: values only)."""
+
+    packed: torch.Tensor  # uint8
+    bits: int
+    shape: tuple[int, ...]  # the original (unpacked) shape
+    step: torch.Tensor  # broadcastable to shape
+    minimum: torch.Tensor  # broadcastable to shape
+    channel: torch.Tensor | None = None  # sqrt(max |V|) per channel (values), broadcastable to shape
+    dtype: torch.dtype = torch.float16
+
+    def dequantize(self) -> torch.Tensor:
+        q = unpack_bits(self.packed, self.bits, self.shape[-1]).reshape(self.shape)
+        x = q.to(self.step.dtype) * self.step + self.minimum
+        if self.channel is not None:
+            x = x * self.channel
+        return x.to(self.dtype)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of every tensor this object holds (packed values and their statistics)."""
+        held = [self.packed, self.step, self.minimum] + ([self.channel] if self.channel is not None else [])
+        return sum(t.numel() * t.element_size() for t in held)
+
+
+def _quantize(x: torch.Tensor, bits: int, dims: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric uniform quantization with min / max over ``dims``: (q uint8, step, minimum)."""
+    lo = x.amin(dim=dims, keepdim=True)
+    hi = x.amax(dim=dims, keepdim=True)
+    step = (hi - lo) / (2 ** bits - 1)
+    step = torch.where(step > 0, step, torch.ones_like(step))  # a constant set: q = 0 gives back the minimum
+    q = torch.round((x - lo) / step).clamp_(0, 2 ** bits - 1).to(torch.uint8)
+    return q, step, lo
+
+
+def quantize_keys(k: torch.Tensor, bits: int) -> Quantized:
+    """Keys (B, H, n, D): channel-wise, min / max per (row, head, channel) over the n tokens."""
+    _check_bits(bits)
+    x = k.float()
+    q, step, lo = _quantize(x, bits, (2,))
+    return Quantized(pack_bits(q, bits), bits, tuple(k.shape), step, lo, None, k.dtype)
+
+
+def quantize_values(v: torch.Tensor, bits: int) -> Quantized:
+    """Values (B, H, n, D): channel-separable token-wise: c = sqrt(max |V|) per (row, head, channel) over the n
+    tokens, then min / max per (row, token) over all H x D channels of V / c."""
+    _check_bits(bits)
+    x = v.float()
+    c = x.abs().amax(dim=2, keepdim=True).sqrt()
+    c = torch.where(c > 0, c, torch.ones_like(c))
+    q, step, lo = _quantize(x / c, bits, (1, 3))
+    return Quantized(pack_bits(q, bits), bits, tuple(v.shape), step, lo, c, v.dtype)
+
+
+def max_error(qt: Quantized) -> torch.Tensor:
+    """The analytic bound on |x - dequantize(x)|: half a step (times the channel scale for values)."""
+    bound = qt.step / 2
+    return bound * qt.channel if qt.channel is not None else bound
