@@ -9,14 +9,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .. import kernels
 from .batch import gather_rows
 
 
 def _add_at(base: torch.Tensor, idx: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
-    """``base`` (B, T, ...) with ``src`` (B, r, ...) added at rows ``idx`` (B, r) (repeats accumulate)."""
-    b, t = base.shape[:2]
-    flat = (idx + torch.arange(b, device=idx.device)[:, None] * t).flatten()
-    return base.flatten(0, 1).index_add(0, flat, src.flatten(0, 1)).view_as(base)
+    """``base`` (B, T, ...) with ``src`` (B, r, ...) added at rows ``idx`` (B, r) (repeats accumulate):
+    :func:`vtc.kernels.add_rows_at`."""
+    return kernels.add_rows_at(base, idx, src)
 
 
 def bipartite_merge(

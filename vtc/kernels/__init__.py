@@ -62,7 +62,7 @@ def _use_triton(t: torch.Tensor) -> bool:
 def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """``x[b, index[b, j]]`` for x (B, L, ...) and index (B, K): the ragged re-pack of kept rows."""
     if _use_triton(x):
-        from .triton_gather import gather_rows as triton_gather
+        from .triton_rows import gather_rows as triton_gather
 
         calls["triton.gather_rows"] += 1
         return triton_gather(x, index)
@@ -70,4 +70,17 @@ def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return reference.gather_rows(x, index)
 
 
-__all__ = ["BACKENDS", "backend", "set_backend", "gather_rows", "calls"]
+def add_rows_at(base: torch.Tensor, index: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+    """A copy of ``base`` (B, T, ...) with ``src`` (B, r, ...) added at rows ``index`` (B, r), repeats accumulating:
+    the scatter-reduce of bipartite (ToMe / AIM) merging. Float atomics on a GPU: equal to the reference up to
+    summation order (1e-5)."""
+    if _use_triton(base) and base.dtype in (torch.float32, torch.float16, torch.bfloat16):
+        from .triton_rows import add_rows_at as triton_add
+
+        calls["triton.add_rows_at"] += 1
+        return triton_add(base, index, src)
+    calls["torch.add_rows_at"] += 1
+    return reference.add_rows_at(base, index, src)
+
+
+__all__ = ["BACKENDS", "backend", "set_backend", "gather_rows", "add_rows_at", "calls"]
