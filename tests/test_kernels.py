@@ -50,15 +50,31 @@ got = merge_to(torch.randn(2, 196, 8, generator=torch.Generator().manual_seed(1)
 assert torch.equal(got[2], want[2]) and torch.equal(got[1], want[1])
 torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
 assert kernels.calls["triton.add_rows_at"] > merges
-print("ok", cases + 1, merges)
+packs = 0
+for bits in (2, 4):
+    for shape in [(3, 1), (2, 5, 7), (4, 64), (1, 2, 3, 13), (0, 8)]:
+        q = torch.randint(0, 2 ** bits, shape, generator=g, dtype=torch.uint8)
+        packed = kernels.pack_bits(q, bits)
+        assert torch.equal(packed, reference.pack_bits(q, bits)), (bits, shape)
+        assert torch.equal(kernels.unpack_bits(packed, bits, shape[-1]), q), (bits, shape)
+        packs += 1
+assert kernels.calls["triton.pack_bits"] == packs == kernels.calls["triton.unpack_bits"]
+from vtc.core.quant import quantize_values
+v = torch.randn(2, 3, 11, 6, generator=g)
+kernels.set_backend("torch")
+want = quantize_values(v, 2).dequantize()
+kernels.set_backend(None)
+assert torch.equal(quantize_values(v, 2).dequantize(), want)
+print("ok", cases + 1, merges, packs)
 """
 
 
 def test_triton_kernels_equal_the_torch_reference_under_the_interpreter():
-    """The gather (exact) and the merge scatter-add (1e-5), and a whole AIM merge through the kernels."""
+    """The gather and bit packing (exact), the merge scatter-add (1e-5), a whole AIM merge and a value
+    quantization through the kernels."""
     env = dict(os.environ, TRITON_INTERPRET="1", VTC_KERNELS="triton")
     run = subprocess.run([sys.executable, "-c", CHECK], env=env, capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0 and run.stdout.startswith("ok 8 5"), run.stdout + run.stderr[-3000:]
+    assert run.returncode == 0 and run.stdout.startswith("ok 8 5 10"), run.stdout + run.stderr[-3000:]
 
 
 def test_backend_switch(monkeypatch):

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import kernels
+
 BITS = (2, 4, 8)
 
 
@@ -27,31 +29,15 @@ def _check_bits(bits: int) -> None:
 
 
 def pack_bits(q: torch.Tensor, bits: int) -> torch.Tensor:
-    """``q`` (..., n) integers in [0, 2**bits) -> uint8 (..., ceil(n * bits / 8))."""
+    """``q`` (..., n) integers in [0, 2**bits) -> uint8 (..., ceil(n * bits / 8)): :func:`vtc.kernels.pack_bits`."""
     _check_bits(bits)
-    q = q.to(torch.uint8)
-    if bits == 8:
-        return q.contiguous()
-    per = 8 // bits
-    n = q.shape[-1]
-    m = -(-n // per) * per
-    if m != n:
-        q = torch.nn.functional.pad(q, (0, m - n))
-    parts = q.reshape(*q.shape[:-1], per, m // per)  # part k = the k-th contiguous slice of the last dim
-    out = torch.zeros(*q.shape[:-1], m // per, dtype=torch.uint8, device=q.device)
-    for k in range(per):
-        out |= parts[..., k, :] << (bits * k)
-    return out
+    return kernels.pack_bits(q, bits)
 
 
 def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     """Inverse of :func:`pack_bits`: uint8 (..., ceil(n * bits / 8)) -> uint8 (..., n)."""
     _check_bits(bits)
-    if bits == 8:
-        return packed[..., :n]
-    per, mask = 8 // bits, (1 << bits) - 1
-    parts = [(packed >> (bits * k)) & mask for k in range(per)]
-    return torch.cat(parts, dim=-1)[..., :n]
+    return kernels.unpack_bits(packed, bits, n)
 
 
 @dataclass

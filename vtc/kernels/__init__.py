@@ -83,4 +83,26 @@ def add_rows_at(base: torch.Tensor, index: torch.Tensor, src: torch.Tensor) -> t
     return reference.add_rows_at(base, index, src)
 
 
-__all__ = ["BACKENDS", "backend", "set_backend", "gather_rows", "add_rows_at", "calls"]
+def pack_bits(q: torch.Tensor, bits: int) -> torch.Tensor:
+    """``q`` (..., n) integers in [0, 2**bits) -> uint8 (..., ceil(n * bits / 8)) (see :mod:`vtc.core.quant`)."""
+    if bits in (2, 4) and _use_triton(q):
+        from .triton_pack import pack_bits as triton_pack
+
+        calls["triton.pack_bits"] += 1
+        return triton_pack(q, bits)
+    calls["torch.pack_bits"] += 1
+    return reference.pack_bits(q, bits)
+
+
+def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    """Inverse of :func:`pack_bits`: uint8 (..., ceil(n * bits / 8)) -> uint8 (..., n)."""
+    if bits in (2, 4) and _use_triton(packed):
+        from .triton_pack import unpack_bits as triton_unpack
+
+        calls["triton.unpack_bits"] += 1
+        return triton_unpack(packed, bits, n)
+    calls["torch.unpack_bits"] += 1
+    return reference.unpack_bits(packed, bits, n)
+
+
+__all__ = ["BACKENDS", "backend", "set_backend", "gather_rows", "add_rows_at", "pack_bits", "unpack_bits", "calls"]

@@ -16,3 +16,29 @@ def add_rows_at(base: torch.Tensor, index: torch.Tensor, src: torch.Tensor) -> t
     b, t = base.shape[:2]
     flat = (index + torch.arange(b, device=index.device)[:, None] * t).flatten()
     return base.flatten(0, 1).index_add(0, flat, src.flatten(0, 1)).view_as(base)
+
+
+def pack_bits(q: torch.Tensor, bits: int) -> torch.Tensor:
+    """``q`` (..., n) integers in [0, 2**bits) -> uint8 (..., ceil(n * bits / 8))."""
+    q = q.to(torch.uint8)
+    if bits == 8:
+        return q.contiguous()
+    per = 8 // bits
+    n = q.shape[-1]
+    m = -(-n // per) * per
+    if m != n:
+        q = torch.nn.functional.pad(q, (0, m - n))
+    parts = q.reshape(*q.shape[:-1], per, m // per)  # part k = the k-th contiguous slice of the last dim
+    out = torch.zeros(*q.shape[:-1], m // per, dtype=torch.uint8, device=q.device)
+    for k in range(per):
+        out |= parts[..., k, :] << (bits * k)
+    return out
+
+
+def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    """Inverse of :func:`pack_bits`: uint8 (..., ceil(n * bits / 8)) -> uint8 (..., n)."""
+    if bits == 8:
+        return packed[..., :n]
+    per, mask = 8 // bits, (1 << bits) - 1
+    parts = [(packed >> (bits * k)) & mask for k in range(per)]
+    return torch.cat(parts, dim=-1)[..., :n]
