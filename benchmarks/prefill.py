@@ -5,6 +5,7 @@
     python benchmarks/prefill.py --model llava-next --methods globalcom2,cls,uniform --ratios 0.25,0.1
     python benchmarks/prefill.py --model onevision-video --methods cls,aim --ratios 0.25 --frames 32
     python benchmarks/prefill.py --llm-layers 32 --methods aim,aim:pagerank=survivors --ratios 0.4375  # string options
+    python benchmarks/prefill.py --model llava-next --mixed --methods cls,uniform --ratios 0.25   # two image sizes
 
 ``onevision-video``: SigLIP-so400m/14-384 shape (27 layers, 1152 wide, 729 patches, no CLS; ``--vision-layers``
 shrinks its depth for a CPU run, and the ideal then counts the shrunk tower), each frame pooled 2x2 to
@@ -66,6 +67,51 @@ def build(args):
     return model.to(dtype).eval(), dtype
 
 
+def mixed_batch(args, model, dtype) -> None:
+    """LLaVA-NeXT, one batch of two images of different sizes (672x672 and 336x672): prefill time and the positions
+    the LLM prefills (after compression a batch should be as long as its longest kept row, not longer)."""
+    sizes = [[672, 672], [336, 672]]
+    pv = torch.randn(2, 5, 3, 336, 336, device=args.device, dtype=dtype)
+    image_sizes = torch.tensor(sizes, device=args.device)
+    with torch.inference_mode():
+        counts = [len(f) for f in model.model.get_image_features(pv, image_sizes, return_dict=True).pooler_output]
+    rows = [[1] + list(range(10, 45)) + [32000] * n + [50, 51, 52, 53] for n in counts]
+    width = max(map(len, rows))
+    ids = torch.tensor([[0] * (width - len(r)) + r for r in rows], device=args.device)
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=args.device)
+    seen: list[int] = []
+    model.model.language_model.layers[0].register_forward_pre_hook(
+        lambda mod, a, kw: seen.append((a[0] if a else kw["hidden_states"]).shape[1]), with_kwargs=True)
+    sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
+    configs = [("none", 1.0)] + [(m, float(r)) for m in args.methods.split(",") for r in args.ratios.split(",")]
+    times: dict[tuple[str, float], list[float]] = {c: [] for c in configs}
+    info: dict[tuple[str, float], tuple[list[int], int]] = {}
+    for rep in range(args.repeats + 1):
+        for c in configs:
+            p = vtc.patch(model, c[0], ratio=c[1]) if c[0] != "none" else None
+            seen.clear()
+            sync()
+            t0 = time.perf_counter()
+            with torch.inference_mode():
+                model(input_ids=ids, attention_mask=mask, pixel_values=pv, image_sizes=image_sizes, logits_to_keep=1)
+            sync()
+            if rep:
+                times[c].append(time.perf_counter() - t0)
+            info[c] = (p.stats[-1].tokens_after if p is not None else counts, seen[0])
+            if p is not None:
+                vtc.unpatch(model)
+    base = statistics.median(times[("none", 1.0)])
+    print(f"LLaVA-NeXT mixed batch: images {sizes[0]} and {sizes[1]} ({counts[0]} and {counts[1]} visual tokens), "
+          f"LLM {args.llm_layers}L x {args.llm_width}; median of {args.repeats}")
+    print(f"{'method':8s} {'ratio':>5s} {'visual kept':>13s} {'LLM positions':>13s} {'longest row':>11s} "
+          f"{'prefill ms':>10s} {'speedup':>7s}")
+    for c in configs:
+        kept, positions = info[c]
+        longest = max(len(r) - n + k for r, n, k in zip(rows, counts, kept))
+        t = statistics.median(times[c])
+        print(f"{c[0]:8s} {c[1]:5.2f} {str(kept):>13s} {positions:13d} {longest:11d} {1e3 * t:10.1f} {base / t:6.2f}x")
+
+
 def prefill_flops(cfg, visual: int, text: int, layer_visual: dict[int, int] | None = None, crops: int = 1,
                   patches: int = 577, projected: int | None = None) -> float:
     """Vision tower + projector + LLM; ``layer_visual`` gives visual tokens entering later layers (in-LLM pruning).
@@ -105,6 +151,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=1, help="prompts per forward pass, each with its own random image")
     ap.add_argument("--decode", type=int, default=0,
                     help="also time generate() for this many new tokens and report decode ms/token (0: off)")
+    ap.add_argument("--mixed", action="store_true",
+                    help="llava-next: one batch of two images of different sizes (prefill length and time)")
     ap.add_argument("--kernels", choices=["auto", "torch", "triton"], default="auto",
                     help="vtc.kernels backend (triton: Triton kernels on CUDA; torch: the reference)")
     args = ap.parse_args()
@@ -114,6 +162,10 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     model, dtype = build(args)
+    if args.mixed:
+        if args.model != "llava-next":
+            raise SystemExit("--mixed needs --model llava-next")
+        return mixed_batch(args, model, dtype)
     n_text = 40
     token, patches = 32000, 577
     if args.model == "onevision-video":  # each frame: 27x27 SigLIP patches pooled to 14x14; one newline at the end
