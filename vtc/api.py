@@ -71,8 +71,7 @@ class Patch(HookOwner):
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        if getattr(self.model, _STATE_ATTR, None) is self:
-            unpatch(self.model)
+        self.remove()
 
     def __repr__(self) -> str:
         return f"Patch({type(self.model).__name__}, {self.method.describe()})"

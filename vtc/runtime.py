@@ -14,7 +14,6 @@ from typing import Callable, Iterator
 import torch
 
 from .methods.base import Method
-from .hook_owner import HookOwner
 from .sites import ScoreRequest, Selection, ViewLayout, VisualInput
 
 
@@ -39,7 +38,7 @@ class CallStats:
         return sum(self.tokens_after) / before if before else 1.0
 
 
-class Runtime(HookOwner):
+class Runtime:
     """Per-patch state shared by the hooks of one model instance."""
 
     def __init__(self, method: Method, ratio: float | None, tokens: int | None, max_stats: int = 10_000):

@@ -154,7 +154,7 @@ class ForwardCall:
     keeps: dict[str, list[torch.Tensor]] = field(default_factory=dict)
 
 
-class KeepRegistry(HookOwner):
+class KeepRegistry:
     """Per-feature keep masks, found again by the identity of the feature tensors, else by their content.
 
     generate() pre-encodes images, then may repeat the same tensor objects for beams, so the identity of each

@@ -91,9 +91,9 @@ class LLMInputPruner(HookOwner):
     def _decode_call(self, kwargs: dict[str, Any], cache: Any, past: int) -> dict[str, Any]:
         state = self._decode.get(cache)
         embeds = kwargs["inputs_embeds"]
-        if embeds.shape[1] > 1 and state is not None:
-            raise RuntimeError(REUSED_CACHE)
         if embeds.shape[1] > 1:
+            if state is not None:
+                raise RuntimeError(REUSED_CACHE)
             keep = self.keep_fn(kwargs)
             if keep is not None and keep[1].any():
                 raise RuntimeError(

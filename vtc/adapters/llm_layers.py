@@ -113,7 +113,7 @@ class LLMLayerPruner(HookOwner):
         valid = mask.bool() if mask is not None else torch.ones(b, lk, dtype=torch.bool, device=embeds.device)
         visual = self.inputs.prefill_visual.to(embeds.device)
         idx = torch.arange(lk, device=embeds.device).expand(b, lk)
-        self.ctx = _Prefill(idx, valid, visual & valid, (visual & valid).sum(-1), key_ok=valid.clone())
+        self.ctx = _Prefill(idx, valid, visual & valid, (visual & valid).sum(-1), key_ok=valid)
         mem = next((m for m in reversed(self.memories) if m.prefix.shape[0] == b and m.prefix.shape[1] < lk
                     and torch.equal(m.prefix, embeds[:, : m.prefix.shape[1]])), None)
         if mem is not None:
@@ -266,27 +266,21 @@ class LLMLayerPruner(HookOwner):
         if self.query_only_drops and i < max(self.plan):  # dropped tokens stay as queries only, masked as keys
             ctx.key_ok = keep
             self.rt.events["llm_layer.mask"] += 1
-            for j in range(i + 1, len(self.layers)):
-                ctx.layouts[j] = (ctx.index, ctx.valid & ctx.key_ok)
-            self._count_layer_tokens(i, ctx)
-            return hidden
-        idx, valid = left_repad_index(keep)
-        ctx.index = ctx.index.gather(1, idx)
-        ctx.valid = valid
-        ctx.key_ok = valid.clone()
-        ctx.visual = ctx.visual.gather(1, idx) & valid
-        for j in range(i + 1, len(self.layers)):
-            ctx.layouts[j] = (ctx.index, ctx.valid)
-        self._count_layer_tokens(i, ctx)
-        return gather_rows(hidden, idx)
-
-    def _count_layer_tokens(self, i: int, ctx: _Prefill) -> None:
-        """Visual tokens the layers after ``i`` process (query-only ones included: they cost compute)."""
+            out = hidden
+        else:
+            idx, valid = left_repad_index(keep)
+            ctx.index = ctx.index.gather(1, idx)
+            ctx.valid = ctx.key_ok = valid
+            ctx.visual = ctx.visual.gather(1, idx) & valid
+            out = gather_rows(hidden, idx)
+        for j in range(i + 1, len(self.layers)):  # the KV layout of later layers: query-only tokens are not keys
+            ctx.layouts[j] = (ctx.index, ctx.valid & ctx.key_ok)
         st = self.inputs.last_stats
-        if st is not None:
+        if st is not None:  # visual tokens the later layers process (query-only ones cost compute too)
             counts = ctx.visual.sum(-1).tolist()
             for j in range(i + 1, len(self.layers)):
                 st.layer_tokens[j] = counts
+        return out
 
     def _layer_input(self, i: int, attn: nn.Module, ctx: _Prefill) -> LLMLayerInput:
         cap = ctx.captured

@@ -13,12 +13,6 @@ from .. import kernels
 from .batch import gather_rows
 
 
-def _add_at(base: torch.Tensor, idx: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
-    """``base`` (B, T, ...) with ``src`` (B, r, ...) added at rows ``idx`` (B, r) (repeats accumulate):
-    :func:`vtc.kernels.add_rows_at`."""
-    return kernels.add_rows_at(base, idx, src)
-
-
 def bipartite_merge(
     metric: torch.Tensor, x: torch.Tensor, r: int, size: torch.Tensor, slot: torch.Tensor, mode: str = "mean",
     order: str = "reference",
@@ -48,18 +42,18 @@ def bipartite_merge(
         w = size.float() if mode == "weighted" else torch.ones_like(size, dtype=torch.float)
         ws, wd = w[:, 0::2], w[:, 1::2]
         w_src = gather_rows(ws, src_idx)
-        tot = _add_at(wd, dst_idx, w_src)
+        tot = kernels.add_rows_at(wd, dst_idx, w_src)
 
         def combine(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             src, dst = v[:, 0::2], v[:, 1::2]
             moved = gather_rows(src, src_idx).float() * w_src[..., None]
-            acc = _add_at(dst.float() * wd[..., None], dst_idx, moved)
+            acc = kernels.add_rows_at(dst.float() * wd[..., None], dst_idx, moved)
             return gather_rows(src, unm_idx), (acc / tot[..., None]).to(v.dtype)
 
         x_unm, x_dst = combine(x)
         k_unm, k_dst = combine(metric)
         size_src, size_dst = size[:, 0::2], size[:, 1::2]
-        size_merged = _add_at(size_dst, dst_idx, gather_rows(size_src, src_idx))
+        size_merged = kernels.add_rows_at(size_dst, dst_idx, gather_rows(size_src, src_idx))
         size_new = torch.cat([gather_rows(size_src, unm_idx), size_merged], 1)
         slot_new = torch.cat([gather_rows(slot[:, 0::2], unm_idx), slot[:, 1::2]], 1)
         metric, x = torch.cat([k_unm, k_dst], 1), torch.cat([x_unm, x_dst], 1)

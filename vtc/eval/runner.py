@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -63,7 +64,7 @@ def run_resumable(
     run resumes), patching the model with ``method`` (a built :class:`~vtc.methods.base.Method`) for the run;
     returns (predictions in record order, this run's compression stats, seconds spent generating).
 
-    ``out`` is a :class:`~vtc.eval.run_store.RunStore`: its lock is held for the run and a folder holding
+    ``out`` is opened as a :class:`~vtc.eval.run_store.RunStore`: its lock is held for the run and a folder holding
     another run's ``identity`` is refused (``overwrite`` discards it). With a method, each prediction also records
     its row's ``visual_tokens`` [before, after] and ``llm_visual_fraction``, so a resumed run still reports them."""
     if batch_size < 1:
@@ -72,11 +73,11 @@ def run_resumable(
     rank, world = (state.process_index, state.num_processes) if state else (0, 1)
     if world > 1 and not out:
         raise ValueError("a multi-process run (accelerate launch) needs an output folder to merge its processes")
-    store = RunStore(out, identity, overwrite, rank=rank) if out else None
-    with (state.main_process_first() if state else contextlib.nullcontext()):  # rank 0 checks / writes run.json
-        if store:
-            store.__enter__()
-    try:
+    with contextlib.ExitStack() as stack:
+        store = None
+        with (state.main_process_first() if state else contextlib.nullcontext()):  # rank 0 checks / writes run.json
+            if out:
+                store = stack.enter_context(RunStore(out, identity, overwrite, rank=rank))
         done = store.done if store else {}
         todo = [r for r in records if key(r) not in done]
         mine = todo[rank::world]  # this process's share of what is left
@@ -112,16 +113,11 @@ def run_resumable(
         if store and world > 1:
             done = store.merge([key(r) for r in records])
         return [done[key(r)] for r in records], stats, t_gen
-    finally:
-        if store:
-            store.__exit__(None, None, None)
 
 
 def distributed_state():
     """accelerate's process state when this run was started by ``accelerate launch`` with several processes
     (records are then shared out by rank), else None."""
-    import os
-
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return None
     from accelerate import PartialState

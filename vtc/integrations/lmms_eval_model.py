@@ -19,6 +19,7 @@ from loguru import logger
 import vtc
 
 from ..eval.generation import image_replies, video_replies
+from ..eval.runner import resolve_method
 from ..video import load_video
 from ..zoo.models import load_model
 
@@ -49,9 +50,7 @@ class VTCModel(lmms):
         super().__init__()
         hp = {k: _value(v) for k, v in hyperparameters.items()}
         method, ratio, tokens = _value(method), _value(ratio), _value(tokens)
-        built = vtc.build_method(method, ratio, tokens, **hp) if method else None  # bad settings fail first
-        if not method and (ratio is not None or tokens is not None or hp):
-            raise ValueError("vtc model_args: ratio / tokens / hyperparameters need method=")
+        built = resolve_method(method or None, ratio, tokens, hp)  # bad settings fail before the model loads
         self.frames, self.batch_size_per_gpu = int(_value(frames)), int(_value(batch_size))
         self.model, self.processor = load_model(str(pretrained), device, dtype=getattr(torch, dtype), attn=attn)
         self.processor.tokenizer.padding_side = "left"
