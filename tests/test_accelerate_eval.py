@@ -80,3 +80,31 @@ def test_a_killed_two_process_run_resumes_without_loss_or_duplicates(tmp_path):
     _same_run(tmp_path / "one", out)
     keys = [json.loads(line)["key"] for line in (out / "predictions.jsonl").read_text().splitlines()]
     assert len(keys) == len(set(keys)) == 100
+
+
+def _launch(args, processes):
+    base = [sys.executable, "-m", "vtc"] if processes == 1 else [
+        sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", str(processes),
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "vtc"]
+    run = subprocess.run(base + args, env=_env(), capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
+
+
+def test_two_process_sweep_and_videomme_equal_one(data, tmp_path):
+    """The sweep (several runs, the main process writes the table) and Video-MME (frame-count sub-batches)."""
+    import json as _json
+
+    from vtc.eval.videomme_data import write_shapes_video
+
+    sweep = ["eval", "sweep", "--data", str(data), "--methods", "uniform", "--ratios", "1.0,0.5", "--quiet"]
+    for n in (1, 2):
+        _launch(sweep + ["--out", str(tmp_path / f"sweep{n}")], n)
+    assert (_json.loads((tmp_path / "sweep1" / "sweep.json").read_text())
+            == _json.loads((tmp_path / "sweep2" / "sweep.json").read_text()))
+    assert (tmp_path / "sweep2" / "table.md").read_text() == (tmp_path / "sweep1" / "table.md").read_text()
+    videos = write_shapes_video(tmp_path / "sv", 3000, per_cell=1)
+    vm = ["eval", "videomme", "--data", str(videos), "--frames", "8", "--batch-size", "2", "--quiet",
+          "--method", "uniform", "--ratio", "0.5"]
+    for n in (1, 2):
+        _launch(vm + ["--out", str(tmp_path / f"vm{n}")], n)
+    _same_run(tmp_path / "vm1", tmp_path / "vm2")
