@@ -1,7 +1,7 @@
 """Method names -> method classes."""
 from __future__ import annotations
 
-from .methods import AIM, ClsPruning, FastV, GlobalCom2, Method, PoolCompression, RandomPruning, UniformPruning
+from .methods import AIM, ClsPruning, FastV, GlobalCom2, Method, PoolCompression, RandomPruning, UniformPruning, ZipVL
 
 METHODS: dict[str, type[Method]] = {
     "cls": ClsPruning,
@@ -11,6 +11,7 @@ METHODS: dict[str, type[Method]] = {
     "fastv": FastV,
     "aim": AIM,
     "globalcom2": GlobalCom2,
+    "zipvl": ZipVL,
 }
 
 

@@ -31,6 +31,8 @@ class CallStats:
     seconds: float
     #: visual tokens entering each decoder layer, per batch row (only with in-LLM pruning)
     layer_tokens: dict[int, list[int]] = field(default_factory=dict)
+    #: tokens (visual and text) each decoder layer found important, per batch row (``attention`` site methods)
+    important_tokens: dict[int, list[int]] = field(default_factory=dict)
 
     @property
     def kept_fraction(self) -> float:

@@ -115,3 +115,39 @@ class LLMLayerInput:
     valid: torch.Tensor
     visual_input: torch.Tensor
     dropped: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class KVPolicy:
+    """How a method wants the KV cache stored (``attention`` site methods): ``mode`` "mixed" = important tokens at
+    ``bits_high``, the rest at ``bits_low``; "evict" = important tokens only (at ``bits_high``); "full" = every
+    token at full precision. Bits 16 = the model's own dtype (no quantization). New decode tokens stay at full
+    precision until ``stream_gap`` of them are buffered, then they are stored by the same rule."""
+
+    mode: str = "mixed"
+    bits_high: int = 4
+    bits_low: int = 2
+    stream_gap: int = 100
+
+
+@dataclass
+class AttentionInput:
+    """What a method sees at the ``attention`` site: one decoder layer's attention inputs, before attention runs.
+
+    q: (B, H, Q, d) post-RoPE queries of this forward pass; k: (B, Hk, S, d) post-RoPE keys it attends to.
+    valid: (B, S) keys that exist (not padding); candidates: (B, S) the tokens the decision is about (prefill:
+    every valid token; decode: the buffered new tokens); always: (B, S) tokens that must be important (the text
+    prompt, the last token); query_pos: (B, Q) the key index of each query (causal: a query sees keys <= its own).
+    phase: "prefill" (Q == S, causal) or "decode" (a few new queries after the cache).
+    """
+
+    layer: int
+    num_layers: int
+    q: torch.Tensor
+    k: torch.Tensor
+    scale: float
+    valid: torch.Tensor
+    candidates: torch.Tensor
+    always: torch.Tensor
+    query_pos: torch.Tensor
+    phase: str = "prefill"

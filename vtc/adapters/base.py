@@ -98,6 +98,8 @@ class Adapter(HookOwner):
             self.pruner.end_call()
             if self.layer_pruner is not None:
                 self.layer_pruner.ctx = None
+            if self.attention is not None:
+                self.attention.ctx = None
         finally:
             self.lock.release()
 
@@ -108,7 +110,8 @@ class Adapter(HookOwner):
         return compose_keep([(mask, call.keeps.get(m)) for m, mask in call.masks.items()])
 
     def _install_llm(self, language_model: nn.Module, runtime: Runtime) -> None:
-        """The shared ``llm_input`` rewrite, plus the ``llm_layer`` pruner when the method uses that site."""
+        """The shared ``llm_input`` rewrite, plus the ``llm_layer`` pruner and the ``attention`` handler when the
+        method uses those sites."""
         from .llm_input import LLMInputPruner
         from .llm_layers import LLMLayerPruner
 
@@ -123,6 +126,12 @@ class Adapter(HookOwner):
             self.layer_pruner = LLMLayerPruner(language_model, runtime, self.pruner)
             self.check_layer_plan(self.layer_pruner.plan)
             self.layer_pruner.install(self._hook)
+        self.attention = None
+        if "attention" in runtime.method.sites:
+            from .llm_attention import LLMAttention
+
+            self.attention = LLMAttention(language_model, runtime, self.pruner)
+            self.attention.install(self._hook, self._set_instance_attr)
 
     def check_layer_plan(self, plan: dict[int, str]) -> None:
         """Raise ValueError if this family cannot prune after the planned decoder layers."""

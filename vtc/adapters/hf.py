@@ -69,6 +69,18 @@ def cache_key(kwargs: dict[str, Any]) -> str | None:
     return None
 
 
+def cache_keyword(module: nn.Module, kwargs: dict[str, Any]) -> str:
+    """The keyword under which to pass a cache to ``module``'s forward: the one the caller used, else the one
+    its signature names (``cache`` from 5.24, ``past_key_values`` before)."""
+    import inspect
+
+    for key in CACHE_KEYS:
+        if key in kwargs:
+            return key
+    params = inspect.signature(module.forward).parameters
+    return next((key for key in CACHE_KEYS if key in params), CACHE_KEYS[-1])
+
+
 def cache_of(kwargs: dict[str, Any]) -> Any | None:
     """The KV cache passed to a forward call, whichever keyword the caller used."""
     key = cache_key(kwargs)

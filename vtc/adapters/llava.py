@@ -46,7 +46,7 @@ def vision_layers(tower: nn.Module) -> nn.ModuleList:
 class LlavaAdapter(Adapter):
     model_classes = ("LlavaForConditionalGeneration", "LlavaModel")
     family = "llava"
-    supported_sites = ("vision", "llm_input", "llm_layer")
+    supported_sites = ("vision", "llm_input", "llm_layer", "attention")
 
     def __init__(self, model: nn.Module):
         super().__init__(model)

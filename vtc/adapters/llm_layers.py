@@ -60,6 +60,13 @@ class _Memory:
 MEMORIES = 8
 
 
+def extended_memory(memories: list[_Memory], embeds: torch.Tensor) -> _Memory | None:
+    """The newest remembered prefill that ``embeds`` (B, L, D) extends (same rows, a strict prefix), if any."""
+    b, length = embeds.shape[:2]
+    return next((m for m in reversed(memories) if m.prefix.shape[0] == b and m.prefix.shape[1] < length
+                 and torch.equal(m.prefix, embeds[:, : m.prefix.shape[1]])), None)
+
+
 class LLMLayerPruner(HookOwner):
     def __init__(self, lm: nn.Module, runtime: Runtime, inputs: LLMInputPruner):
         self.lm = lm
@@ -114,8 +121,7 @@ class LLMLayerPruner(HookOwner):
         visual = self.inputs.prefill_visual.to(embeds.device)
         idx = torch.arange(lk, device=embeds.device).expand(b, lk)
         self.ctx = _Prefill(idx, valid, visual & valid, (visual & valid).sum(-1), key_ok=valid)
-        mem = next((m for m in reversed(self.memories) if m.prefix.shape[0] == b and m.prefix.shape[1] < lk
-                    and torch.equal(m.prefix, embeds[:, : m.prefix.shape[1]])), None)
+        mem = extended_memory(self.memories, embeds)
         if mem is not None:
             extra = lk - mem.prefix.shape[1]
             ones = torch.ones(b, extra, dtype=torch.bool, device=embeds.device)

@@ -40,7 +40,7 @@ class QwenVLAdapter(Adapter):
     model_classes = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration",
                      "Qwen3VLForConditionalGeneration", "Qwen2VLModel", "Qwen2_5_VLModel", "Qwen3VLModel")
     family = "qwen2-vl"
-    supported_sites = ("vision", "llm_input", "llm_layer")
+    supported_sites = ("vision", "llm_input", "llm_layer", "attention")
 
     def __init__(self, model: nn.Module):
         super().__init__(model)

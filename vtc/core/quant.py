@@ -54,9 +54,9 @@ class Quantized:
 
     def dequantize(self) -> torch.Tensor:
         q = unpack_bits(self.packed, self.bits, self.shape[-1]).reshape(self.shape)
-        x = q.to(self.step.dtype) * self.step + self.minimum
+        x = q.float() * self.step.float() + self.minimum.float()
         if self.channel is not None:
-            x = x * self.channel
+            x = x * self.channel.float()
         return x.to(self.dtype)
 
     @property
@@ -66,13 +66,21 @@ class Quantized:
         return sum(t.numel() * t.element_size() for t in held)
 
 
-def _quantize(x: torch.Tensor, bits: int, dims: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Asymmetric uniform quantization with min / max over ``dims``: (q uint8, step, minimum)."""
-    lo = x.amin(dim=dims, keepdim=True)
+def stats_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Statistics are kept in the tensor's own dtype when it is a 16-bit float (as ZipCache, which works in the
+    model's fp16), else in float32."""
+    return dtype if dtype in (torch.float16, torch.bfloat16) else torch.float32
+
+
+def _quantize(x: torch.Tensor, bits: int, dims: tuple[int, ...],
+              dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric uniform quantization with min / max over ``dims``: (q uint8, step, minimum), the statistics
+    rounded to ``dtype`` first so that q is computed against the statistics that are stored."""
+    lo = x.amin(dim=dims, keepdim=True).to(dtype)
     hi = x.amax(dim=dims, keepdim=True)
-    step = (hi - lo) / (2 ** bits - 1)
+    step = ((hi - lo.float()) / (2 ** bits - 1)).to(dtype)
     step = torch.where(step > 0, step, torch.ones_like(step))  # a constant set: q = 0 gives back the minimum
-    q = torch.round((x - lo) / step).clamp_(0, 2 ** bits - 1).to(torch.uint8)
+    q = torch.round((x - lo.float()) / step.float()).clamp_(0, 2 ** bits - 1).to(torch.uint8)
     return q, step, lo
 
 
@@ -80,7 +88,7 @@ def quantize_keys(k: torch.Tensor, bits: int) -> Quantized:
     """Keys (B, H, n, D): channel-wise, min / max per (row, head, channel) over the n tokens."""
     _check_bits(bits)
     x = k.float()
-    q, step, lo = _quantize(x, bits, (2,))
+    q, step, lo = _quantize(x, bits, (2,), stats_dtype(k.dtype))
     return Quantized(pack_bits(q, bits), bits, tuple(k.shape), step, lo, None, k.dtype)
 
 
@@ -89,13 +97,13 @@ def quantize_values(v: torch.Tensor, bits: int) -> Quantized:
     tokens, then min / max per (row, token) over all H x D channels of V / c."""
     _check_bits(bits)
     x = v.float()
-    c = x.abs().amax(dim=2, keepdim=True).sqrt()
+    c = x.abs().amax(dim=2, keepdim=True).sqrt().to(stats_dtype(v.dtype))
     c = torch.where(c > 0, c, torch.ones_like(c))
-    q, step, lo = _quantize(x / c, bits, (1, 3))
+    q, step, lo = _quantize(x / c.float(), bits, (1, 3), stats_dtype(v.dtype))
     return Quantized(pack_bits(q, bits), bits, tuple(v.shape), step, lo, c, v.dtype)
 
 
 def max_error(qt: Quantized) -> torch.Tensor:
     """The analytic bound on |x - dequantize(x)|: half a step (times the channel scale for values)."""
-    bound = qt.step / 2
-    return bound * qt.channel if qt.channel is not None else bound
+    bound = qt.step.float() / 2
+    return bound * qt.channel.float() if qt.channel is not None else bound

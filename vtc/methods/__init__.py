@@ -6,8 +6,10 @@ from .aim import AIM
 from .compose import Compose
 from .fastv import FastV
 from .globalcom2 import GlobalCom2
+from .zipvl import ZipVL
 
 __all__ = [
     "Method", "ScoreRequest", "Selection", "VisionInfo", "VisualInput",
     "ClsPruning", "RandomPruning", "UniformPruning", "PoolCompression", "AIM", "FastV", "Compose", "GlobalCom2",
+    "ZipVL",
 ]

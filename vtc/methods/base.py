@@ -11,10 +11,11 @@ from typing import ClassVar
 import torch
 
 from ..core.select import budget as resolve_budget
-from ..sites import LLMLayerInput, QueryKind, ScoreKind, ScoreRequest, Selection, VisionInfo, VisualInput
+from ..sites import (AttentionInput, KVPolicy, LLMLayerInput, QueryKind, ScoreKind, ScoreRequest, Selection, VisionInfo,
+                     VisualInput)
 
 __all__ = ["Method", "ScoreKind", "ScoreRequest", "Selection", "VisionInfo", "VisualInput", "LLMLayerInput",
-           "QueryKind"]
+           "QueryKind", "AttentionInput", "KVPolicy"]
 
 class Method:
     """Base class. Subclasses are dataclasses of hyperparameters and override the site methods they use."""
@@ -107,6 +108,22 @@ class Method:
     def llm_keep(self, inp: LLMLayerInput) -> torch.Tensor:  # pragma: no cover - abstract
         """(B, L) bool keep mask after layer ``inp.layer``; must keep every valid non-visual token."""
         raise NotImplementedError
+
+    def attention_layers(self, num_layers: int) -> tuple[int, ...]:
+        """Decoder layers whose attention this method decides (``attention`` site), before attention runs."""
+        return ()
+
+    def attention_important(self, inp: AttentionInput) -> torch.Tensor:  # pragma: no cover - abstract
+        """(B, S) bool: the important tokens among ``inp.candidates`` (plus ``inp.always``) at this layer."""
+        raise NotImplementedError
+
+    def sparse_prefill_enabled(self) -> bool:
+        """True: at prefill each ``attention_layers`` layer attends only among its important tokens."""
+        return False
+
+    def kv_policy(self) -> KVPolicy | None:
+        """How the KV cache stores important / unimportant tokens, or None to leave the cache alone."""
+        return None
 
     def describe(self) -> str:
         params = ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self))  # type: ignore[arg-type]

@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import torch
 
-from .base import LLMLayerInput, Method, ScoreRequest, Selection, VisionInfo, VisualInput
+from .base import AttentionInput, KVPolicy, LLMLayerInput, Method, ScoreRequest, Selection, VisionInfo, VisualInput
 
 
 class Compose(Method):
-    """``vision`` site from ``first``, ``llm_layer`` site from ``second``."""
+    """``vision`` site from ``first``, ``llm_layer`` / ``attention`` sites (and KV policy) from ``second``."""
 
     name = "compose"
     budget_rule = "own"
@@ -15,8 +15,8 @@ class Compose(Method):
     def __init__(self, first: Method, second: Method):
         if "vision" not in first.sites:
             raise ValueError(f"Compose: {first.name!r} has no vision site")
-        if "llm_layer" not in second.sites:
-            raise ValueError(f"Compose: {second.name!r} has no llm_layer site")
+        if not {"llm_layer", "attention"} & set(second.sites):
+            raise ValueError(f"Compose: {second.name!r} has no llm_layer or attention site")
         self.first, self.second = first, second
         self.sites = tuple(dict.fromkeys(first.sites + second.sites))
         self.ratio = None
@@ -43,6 +43,18 @@ class Compose(Method):
 
     def llm_keep(self, inp: LLMLayerInput) -> torch.Tensor:
         return self.second.llm_keep(inp)
+
+    def attention_layers(self, num_layers: int) -> tuple[int, ...]:
+        return self.second.attention_layers(num_layers)
+
+    def attention_important(self, inp: AttentionInput) -> torch.Tensor:
+        return self.second.attention_important(inp)
+
+    def sparse_prefill_enabled(self) -> bool:
+        return self.second.sparse_prefill_enabled()
+
+    def kv_policy(self) -> KVPolicy | None:
+        return self.second.kv_policy()
 
     def describe(self) -> str:
         return f"{self.first.describe()} + {self.second.describe()}"
