@@ -22,3 +22,12 @@ def llama_flops(tokens: int | list[int], layers: int, d: int, d_ff: int, heads: 
 
 def projector_flops(tokens: int, d_in: int, d_out: int) -> float:
     return 2 * tokens * (d_in * d_out + d_out * d_out)
+
+
+def sparse_prefill_llama_flops(tokens: int, important: list[int], probes: list[int], d: int, d_ff: int,
+                               heads: int, kv_heads: int) -> float:
+    """Prefill FLOPs of a decoder whose layer j runs attention among ``important[j]`` of the ``tokens`` only
+    (projections and MLP still see every token), plus ``probes[j]`` probe rows scored against every key."""
+    full = llama_layer_flops(tokens, d, d_ff, heads, kv_heads)
+    attn = 2 * 2 * tokens * tokens * d / 2
+    return sum(full - attn + 2 * 2 * n * n * d / 2 + 2 * p * tokens * d for n, p in zip(important, probes))

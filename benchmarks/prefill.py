@@ -31,6 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 import vtc  # noqa: E402
 from vtc.adapters.hf import output_cache  # noqa: E402
+from vtc.eval.runner import parse_method_spec  # noqa: E402
 from flops import llama_flops, projector_flops, vit_flops  # noqa: E402
 
 
@@ -134,6 +135,27 @@ def cache_mib(cache) -> float:
     return total / 2**20
 
 
+def prompt(args, dtype) -> tuple[torch.Tensor, dict, int, dict]:
+    """The benchmark prompt: input ids (36 text tokens, the visual tokens, 4 more), the pixel inputs, the number of
+    visual tokens and the tower geometry (views, patches per view, tokens projected) that the FLOP count needs."""
+    token, patches = 32000, 577
+    if args.model == "onevision-video":  # each frame: 27x27 SigLIP patches pooled to 14x14; one newline at the end
+        crops, n_visual, token, patches = args.frames, args.frames * 196 + 1, 151647, 729
+        projected = args.frames * 729
+        inputs = {"pixel_values_videos": torch.randn(args.batch, args.frames, 3, 384, 384, device=args.device,
+                                                     dtype=dtype)}
+    elif args.model == "llava-next":  # 672x672: thumbnail 576 + 48 rows x (48 tokens + newline)
+        crops, n_visual, projected = 5, 576 + 48 * 49, 5 * 576
+        inputs = {"pixel_values": torch.randn(args.batch, crops, 3, 336, 336, device=args.device, dtype=dtype),
+                  "image_sizes": torch.tensor([[672, 672]] * args.batch, device=args.device)}
+    else:
+        crops, n_visual, projected = 1, 576, 576
+        inputs = {"pixel_values": torch.randn(args.batch, 3, 336, 336, device=args.device, dtype=dtype)}
+    ids = torch.tensor([[1] + list(range(10, 45)) + [token] * n_visual + [50, 51, 52, 53]] * args.batch,
+                       device=args.device)
+    return ids, inputs, n_visual, dict(crops=crops, patches=patches, projected=projected)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu")
@@ -166,22 +188,9 @@ def main() -> None:
         if args.model != "llava-next":
             raise SystemExit("--mixed needs --model llava-next")
         return mixed_batch(args, model, dtype)
+    ids, inputs, n_visual, geometry = prompt(args, dtype)
     n_text = 40
-    token, patches = 32000, 577
-    if args.model == "onevision-video":  # each frame: 27x27 SigLIP patches pooled to 14x14; one newline at the end
-        crops, n_visual, token, patches = args.frames, args.frames * 196 + 1, 151647, 729
-        projected = args.frames * 729
-        inputs = {"pixel_values_videos": torch.randn(args.batch, args.frames, 3, 384, 384, device=args.device,
-                                                     dtype=dtype)}
-    elif args.model == "llava-next":  # 672x672: thumbnail 576 + 48 rows x (48 tokens + newline)
-        crops, n_visual, projected = 5, 576 + 48 * 49, 5 * 576
-        inputs = {"pixel_values": torch.randn(args.batch, crops, 3, 336, 336, device=args.device, dtype=dtype),
-                  "image_sizes": torch.tensor([[672, 672]] * args.batch, device=args.device)}
-    else:
-        crops, n_visual, projected = 1, 576, 576
-        inputs = {"pixel_values": torch.randn(args.batch, 3, 336, 336, device=args.device, dtype=dtype)}
-    ids = torch.tensor([[1] + list(range(10, 45)) + [token] * n_visual + [50, 51, 52, 53]] * args.batch,
-                       device=args.device)
+    crops, patches, projected = geometry["crops"], geometry["patches"], geometry["projected"]
     cuda = args.device == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
 
@@ -234,8 +243,7 @@ def main() -> None:
     for rep in range(args.repeats + 1 + cuda):
         for c in configs:
             method, ratio = c
-            name, _, opts = method.partition(":")  # "aim:pagerank=survivors+merge_mode=weighted"
-            hp = dict(kv.split("=", 1) for kv in opts.split("+") if kv)
+            name, hp = parse_method_spec(method)  # "aim:pagerank=survivors+merge_mode=weighted"
             p = vtc.patch(model, name, ratio=ratio, **hp) if method != "none" else None
             if p is not None and rep == sync_round:
                 p.sync_timing = True
@@ -255,7 +263,6 @@ def main() -> None:
                 times[c].append(dt)
                 peak[c].append(pk)
     base_t = statistics.median(times[("none", 1.0)])
-    geometry = dict(crops=crops, patches=patches, projected=projected)
     base_f = prefill_flops(model.config, n_visual, n_text, **geometry)
     dev = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU x{torch.get_num_threads()} threads"
     shape, parts = {"llava": ("LLaVA-1.5", "ViT-L/14-336 + Llama"),

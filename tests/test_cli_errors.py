@@ -83,6 +83,10 @@ def _cases(mme, video, tmp):
         ("sweep ratio 0", ["eval", "sweep", "--ratios", "0.5,0"], "outside (0, 1]"),
         ("sweep ratio 1.5", ["eval", "sweep", "--ratios", "1.5"], "outside (0, 1]"),
         ("sweep unknown method", ["eval", "sweep", "--data", str(mme), "--methods", "cls,nope"], "unknown method"),
+        ("method option not key=value", ["eval", "sweep", "--methods", "zipvl:tau"], "'tau' of 'zipvl:tau' is not key"),
+        ("zipvl tau 2", m + ["--method", "zipvl:tau=2"], "tau must be a number in (0, 1]"),
+        ("zipvl with a ratio", m + ["--method", "zipvl", "--ratio", "0.5"], "sets its own budget"),
+        ("unknown option", m + ["--method", "zipvl:bits=3"], "unknown hyperparameter(s) ['bits']"),
         ("limit -1", m + ["--limit", "-1"], "must be >= 0"),
         ("batch size 0", m + ["--batch-size", "0"], "must be >= 1"),
         ("per-category 0", m + ["--per-category", "0"], "must be >= 1"),
@@ -106,7 +110,7 @@ def test_every_user_error_is_one_line_exit_2_no_traceback(mme, video, tmp_path, 
         assert code == 2, (name, err)
         assert "Traceback" not in err, (name, err)
         assert len(lines) == 1 and want in lines[0], (name, err)
-    assert len(cases) == 22
+    assert len(cases) == 26
 
 
 def test_debug_shows_the_traceback(mme, tmp_path, no_model):

@@ -65,16 +65,38 @@ kernels.set_backend("torch")
 want = quantize_values(v, 2).dequantize()
 kernels.set_backend(None)
 assert torch.equal(quantize_values(v, 2).dequantize(), want)
-print("ok", cases + 1, merges, packs)
+quants = 0
+before = kernels.calls["triton.quantize_pack"], kernels.calls["triton.unpack_dequantize"]
+from vtc.core.quant import _stats
+for bits in (2, 4):
+    for shape, dtype in [((2, 3, 11, 6), torch.float32), ((1, 2, 5, 13), torch.float16), ((2, 1, 0, 8), torch.float32),
+                         ((1, 4, 9, 128), torch.bfloat16)]:
+        x = (torch.randn(*shape, generator=g) * 3).to(dtype).float()
+        for dims, scaled in (((2,), False), ((1, 3), True)):  # keys: per channel; values: per token, channel-scaled
+            if x.numel() == 0:
+                step = lo = torch.ones(shape[0], 1 if 1 in dims else shape[1], 1, 1)
+                c = None
+            else:
+                c = x.abs().amax(dim=2, keepdim=True).sqrt() if scaled else None
+                step, lo = _stats(x / c if scaled else x, bits, dims)
+            packed = kernels.quantize_pack(x, step, lo, c, bits)
+            assert torch.equal(packed, reference.quantize_pack(x, step, lo, c, bits)), (bits, shape, dims)
+            got = kernels.unpack_dequantize(packed, bits, shape[-1], step, lo, c, dtype)
+            want = reference.unpack_dequantize(packed, bits, shape[-1], step, lo, c, dtype)
+            assert got.dtype == dtype and got.shape == want.shape
+            torch.testing.assert_close(got, want)  # float32 math; 16-bit outputs within one ulp
+            quants += 1
+assert kernels.calls["triton.quantize_pack"] - before[0] == quants == kernels.calls["triton.unpack_dequantize"] - before[1]
+print("ok", cases + 1, merges, packs, quants)
 """
 
 
 def test_triton_kernels_equal_the_torch_reference_under_the_interpreter():
-    """The gather and bit packing (exact), the merge scatter-add (1e-5), a whole AIM merge and a value
-    quantization through the kernels."""
+    """The gather, bit packing and fused quantize + pack (exact), the merge scatter-add and the fused unpack +
+    dequantize (float32 tolerances; one ulp of a 16-bit output), a whole AIM merge and a value quantization through the kernels."""
     env = dict(os.environ, TRITON_INTERPRET="1", VTC_KERNELS="triton")
     run = subprocess.run([sys.executable, "-c", CHECK], env=env, capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0 and run.stdout.startswith("ok 8 5 10"), run.stdout + run.stderr[-3000:]
+    assert run.returncode == 0 and run.stdout.startswith("ok 8 5 10 16"), run.stdout + run.stderr[-3000:]
 
 
 def test_backend_switch(monkeypatch):

@@ -204,9 +204,15 @@ def test_sweep_on_both_benchmarks_writes_table_and_plots(tmp_path):
     model, proc, _ = default_model()
     write_shapes_mme(tmp_path / "mme", seed=5, per_category=1)
     recs = load_mme(tmp_path / "mme" / "mme.parquet")[:4]
-    rows = sweep(model, proc, recs, tmp_path / "s", methods=["cls", "uniform"], ratios=[1.0, 0.5], batch_size=4,
-                 progress=False, max_new_tokens=2)
+    rows = sweep(model, proc, recs, tmp_path / "s", methods=["cls", "uniform", "zipvl:tau=0.9"], ratios=[1.0, 0.5],
+                 batch_size=4, progress=False, max_new_tokens=2)
     by = {(r["method"], r["ratio"]): r for r in rows}
+    # an own-budget method runs once, next to the unpatched reference; its stats are measured, not assumed
+    assert by[("none", None)]["score"] == by[("cls", 1.0)]["score"]
+    zip_row = by[("zipvl:tau=0.9", None)]
+    assert 0 < zip_row["important_fraction"] < 1 and 2 < zip_row["kv_bits"] < 16
+    assert (tmp_path / "s" / "zipvl_tau=0.9" / "results.json").exists()
+    assert "| zipvl:tau=0.9 |" in (tmp_path / "s" / "table.md").read_text()
     assert by[("cls", 1.0)]["score"] == by[("uniform", 1.0)]["score"] and by[("cls", 1.0)]["llm_fraction"] == 1.0
     assert by[("cls", 0.5)]["tokens"] == 98 and by[("uniform", 0.5)]["llm_fraction"] == 0.5
     assert all((tmp_path / "s" / f).exists() for f in ("table.md", "sweep.json", "sweep.png", "sweep_flops.png"))
@@ -214,8 +220,10 @@ def test_sweep_on_both_benchmarks_writes_table_and_plots(tmp_path):
 
     vmodel, vproc, _ = default_video_model()
     vrecs = load_videomme(write_shapes_video(tmp_path / "sv", seed=6, per_cell=1))[:2]
-    vrows = sweep(vmodel, vproc, vrecs, tmp_path / "sv_sweep", methods=["uniform"], ratios=[0.25], batch_size=2,
-                  progress=False, bench="videomme", frames=8, max_new_tokens=2)
+    vrows = sweep(vmodel, vproc, vrecs, tmp_path / "sv_sweep", methods=["uniform", "zipvl:kv=evict"], ratios=[0.25],
+                  batch_size=2, progress=False, bench="videomme", frames=8, max_new_tokens=2)
+    assert vrows[-1]["method"] == "zipvl:kv=evict" and vrows[-1]["kv_bits"] < 4  # evicted tokens cost nothing
+    vrows = [r for r in vrows if r["method"] == "uniform"]
     assert vrows[0]["tokens"] == 97 and vrows[0]["llm_fraction"] == pytest.approx(97 / 393)
     assert set(vrows[0]["categories"]) <= set(TASKS.values())
 

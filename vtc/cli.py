@@ -198,18 +198,21 @@ def main(argv: list[str] | None = None) -> int:
     ev = sub.add_parser("eval", help="evaluate").add_subparsers(dest="bench", required=True)
     mme = ev.add_parser("mme", help="MME with lmms-eval prompts and scoring")
     _common(mme)
-    mme.add_argument("--method", help="compression method (omit for the unpatched model)")
+    mme.add_argument("--method", help="compression method, options as name:key=value+key=value (e.g. zipvl:tau=0.95); "
+                     "omit for the unpatched model")
     mme.add_argument("--ratio", type=_ratio)
     mme.add_argument("--tokens", type=_positive_int)
     vm = ev.add_parser("videomme", help="Video-MME with lmms-eval prompt and letter extraction")
     _common(vm)
-    vm.add_argument("--method", help="compression method (omit for the unpatched model)")
+    vm.add_argument("--method", help="compression method, options as name:key=value+key=value (e.g. zipvl:tau=0.95); "
+                     "omit for the unpatched model")
     vm.add_argument("--ratio", type=_ratio)
     vm.add_argument("--tokens", type=_positive_int)
     sw = ev.add_parser("sweep", help="methods x ratios on MME or Video-MME -> table.md, sweep.json, sweep.png")
     _common(sw)
     sw.add_argument("--on", default="mme", choices=["mme", "videomme"], help="benchmark to sweep")
-    sw.add_argument("--methods", type=_methods, default="cls,random,uniform,pool,fastv,aim")
+    sw.add_argument("--methods", type=_methods, default="cls,random,uniform,pool,fastv,aim",
+                    help="comma-separated, each name[:key=value+...]; methods with their own budget (zipvl) run once")
     sw.add_argument("--ratios", type=_ratios, default="1.0,0.5,0.25,0.11", help="comma-separated, each in (0, 1]")
     data = sub.add_parser("data", help="write synthetic benchmarks").add_subparsers(dest="what", required=True)
     sm = data.add_parser("shapes-mme", help="ShapesMME in the MME_Benchmark folder layout and lmms-eval parquet")
@@ -244,15 +247,17 @@ def _user_input(what: str) -> Iterator[None]:
 
 def _check_methods(args) -> None:
     """Every (method, budget) the command will run, validated like vtc.patch, before anything loads."""
-    from .eval.runner import resolve_method
+    from .eval.runner import own_budget, parse_method_spec, resolve_method
 
     if args.bench == "sweep":
         for m in args.methods:
-            for r in args.ratios:
-                if r < 1.0:
-                    resolve_method(m, r, None, {})
+            name, hyper = parse_method_spec(m)
+            for r in ([None] if own_budget(name) else args.ratios):
+                if r is None or r < 1.0:
+                    resolve_method(name, r, None, hyper)
         return
-    resolve_method(args.method, args.ratio, args.tokens, {})
+    args.method, args.hyperparameters = parse_method_spec(args.method) if args.method else (None, {})
+    resolve_method(args.method, args.ratio, args.tokens, args.hyperparameters)
 
 
 def _run(args) -> int:
@@ -295,7 +300,7 @@ def _run(args) -> int:
         from .eval.videomme_runner import evaluate_videomme
 
         res = evaluate_videomme(model, proc, recs, args.out, frames=args.frames, method=args.method, ratio=args.ratio,
-                                tokens=args.tokens, **common)
+                                tokens=args.tokens, **common, **args.hyperparameters)
         if not res:  # not the main process of a multi-process run
             return 0
         s = res["scores"]
@@ -307,7 +312,7 @@ def _run(args) -> int:
         return 0
     if args.bench == "mme":
         res = evaluate_mme(model, proc, recs, args.out, method=args.method, ratio=args.ratio, tokens=args.tokens,
-                           **common)
+                           **common, **args.hyperparameters)
         if not res:  # not the main process of a multi-process run
             return 0
         s = res["scores"]

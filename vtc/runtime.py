@@ -33,6 +33,10 @@ class CallStats:
     layer_tokens: dict[int, list[int]] = field(default_factory=dict)
     #: tokens (visual and text) each decoder layer found important, per batch row (``attention`` site methods)
     important_tokens: dict[int, list[int]] = field(default_factory=dict)
+    #: tokens of each batch row's LLM input (non-padding), the base of ``important_tokens``
+    sequence_tokens: list[int] = field(default_factory=list)
+    #: (bytes the compressed KV cache holds after the prefill, bytes of the same tokens in a plain fp16 cache)
+    kv_bytes: tuple[int, int] | None = None
 
     @property
     def kept_fraction(self) -> float:

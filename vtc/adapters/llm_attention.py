@@ -162,6 +162,9 @@ class LLMAttention(HookOwner):
         if ctx is not None and ctx.phase == "prefill" and st is not None:
             for i, d in ctx.decisions.items():
                 st.important_tokens[i] = (d & ctx.valid).sum(-1).tolist()
+            st.sequence_tokens = ctx.valid.sum(-1).tolist()
+            if isinstance(ctx.cache, MixedPrecisionCache):
+                st.kv_bytes = (ctx.cache.nbytes, ctx.cache.dense_nbytes(2))
         return None
 
     # ------------------------------------------------------------------ the attention call

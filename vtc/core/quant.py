@@ -53,11 +53,8 @@ class Quantized:
     dtype: torch.dtype = torch.float16
 
     def dequantize(self) -> torch.Tensor:
-        q = unpack_bits(self.packed, self.bits, self.shape[-1]).reshape(self.shape)
-        x = q.float() * self.step.float() + self.minimum.float()
-        if self.channel is not None:
-            x = x * self.channel.float()
-        return x.to(self.dtype)
+        return kernels.unpack_dequantize(self.packed, self.bits, self.shape[-1], self.step, self.minimum,
+                                         self.channel, self.dtype)
 
     @property
     def nbytes(self) -> int:
@@ -72,24 +69,23 @@ def stats_dtype(dtype: torch.dtype) -> torch.dtype:
     return dtype if dtype in (torch.float16, torch.bfloat16) else torch.float32
 
 
-def _quantize(x: torch.Tensor, bits: int, dims: tuple[int, ...],
-              dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Asymmetric uniform quantization with min / max over ``dims``: (q uint8, step, minimum), the statistics
-    rounded to ``dtype`` first so that q is computed against the statistics that are stored."""
+def _stats(x: torch.Tensor, bits: int, dims: tuple[int, ...],
+           dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """(step, minimum) of asymmetric uniform quantization with min / max over ``dims``, rounded to ``dtype``
+    (the quantized values are computed against the statistics that are stored)."""
     lo = x.amin(dim=dims, keepdim=True).to(dtype)
     hi = x.amax(dim=dims, keepdim=True)
     step = ((hi - lo.float()) / (2 ** bits - 1)).to(dtype)
     step = torch.where(step > 0, step, torch.ones_like(step))  # a constant set: q = 0 gives back the minimum
-    q = torch.round((x - lo.float()) / step.float()).clamp_(0, 2 ** bits - 1).to(torch.uint8)
-    return q, step, lo
+    return step, lo
 
 
 def quantize_keys(k: torch.Tensor, bits: int) -> Quantized:
     """Keys (B, H, n, D): channel-wise, min / max per (row, head, channel) over the n tokens."""
     _check_bits(bits)
     x = k.float()
-    q, step, lo = _quantize(x, bits, (2,), stats_dtype(k.dtype))
-    return Quantized(pack_bits(q, bits), bits, tuple(k.shape), step, lo, None, k.dtype)
+    step, lo = _stats(x, bits, (2,), stats_dtype(k.dtype))
+    return Quantized(kernels.quantize_pack(x, step, lo, None, bits), bits, tuple(k.shape), step, lo, None, k.dtype)
 
 
 def quantize_values(v: torch.Tensor, bits: int) -> Quantized:
@@ -99,8 +95,8 @@ def quantize_values(v: torch.Tensor, bits: int) -> Quantized:
     x = v.float()
     c = x.abs().amax(dim=2, keepdim=True).sqrt().to(stats_dtype(v.dtype))
     c = torch.where(c > 0, c, torch.ones_like(c))
-    q, step, lo = _quantize(x / c.float(), bits, (1, 3), stats_dtype(v.dtype))
-    return Quantized(pack_bits(q, bits), bits, tuple(v.shape), step, lo, c, v.dtype)
+    step, lo = _stats(x / c.float(), bits, (1, 3), stats_dtype(v.dtype))
+    return Quantized(kernels.quantize_pack(x, step, lo, c, bits), bits, tuple(v.shape), step, lo, c, v.dtype)
 
 
 def max_error(qt: Quantized) -> torch.Tensor:

@@ -1,6 +1,7 @@
 """Batched, resumable MME evaluation of a (possibly patched) model, and method x ratio sweeps."""
 from __future__ import annotations
 
+import ast
 import contextlib
 import json
 import os
@@ -22,6 +23,30 @@ from .run_store import RunStore, model_identity, records_digest, versions
 
 def _key(r: MMERecord) -> str:
     return f"{r.question_id}\t{r.question}"
+
+
+def parse_method_spec(spec: str) -> tuple[str, dict[str, Any]]:
+    """``"zipvl:tau=0.9+kv=evict"`` -> ``("zipvl", {"tau": 0.9, "kv": "evict"})``: a method name with options
+    (numbers, booleans and None are read as Python literals, anything else stays a string)."""
+    name, _, opts = spec.partition(":")
+    hyper: dict[str, Any] = {}
+    for item in filter(None, (o.strip() for o in opts.split("+"))):
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise ValueError(f"method option {item!r} of {spec!r} is not key=value (e.g. zipvl:tau=0.9+kv=evict)")
+        try:
+            hyper[key.strip()] = ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError):
+            hyper[key.strip()] = value.strip()
+    return name.strip(), hyper
+
+
+def own_budget(method: str) -> bool:
+    """Whether a method sets its own budget (ZipVL's tau), so a sweep runs it once rather than per ratio."""
+    from ..registry import METHODS
+
+    cls = METHODS.get(method)
+    return cls is not None and cls.budget_rule == "own"
 
 
 def resolve_method(method: str | None, ratio: float | None, tokens: int | None, hyperparameters: dict):
@@ -142,6 +167,11 @@ def _row_compression(model: Any, prefill: Any, n_rows: int) -> list[dict]:
         if t0 and n_layers:
             per_layer = [prefill.layer_tokens.get(j, [t1] * (b + 1))[b] for j in range(n_layers)]
             row["llm_visual_fraction"] = sum(per_layer) / (n_layers * t0)
+        if prefill.important_tokens and len(prefill.sequence_tokens) == n_rows and prefill.sequence_tokens[b]:
+            imp = [v[b] for v in prefill.important_tokens.values()]
+            row["important_fraction"] = sum(imp) / (len(imp) * prefill.sequence_tokens[b])
+        if prefill.kv_bytes is not None and prefill.kv_bytes[1]:
+            row["kv_bits"] = 16 * prefill.kv_bytes[0] / prefill.kv_bytes[1]
         rows.append(row)
     return rows
 
@@ -151,10 +181,17 @@ def compression_summary(preds: list[dict], stats: list, method: str | None, t_ge
     included), and this run's compression and generation seconds."""
     tokens = [p["visual_tokens"] for p in preds if "visual_tokens" in p]
     fractions = [p["llm_visual_fraction"] for p in preds if "llm_visual_fraction" in p]
+
+    def mean(key: str) -> float | None:
+        vals = [p[key] for p in preds if key in p]
+        return sum(vals) / len(vals) if vals else None
+
     return {
         "visual_tokens_before": sum(t[0] for t in tokens) / len(tokens) if tokens else None,
         "visual_tokens_after": sum(t[1] for t in tokens) / len(tokens) if tokens else None,
         "llm_visual_fraction": sum(fractions) / len(fractions) if fractions else (None if method else 1.0),
+        "important_fraction": mean("important_fraction"),  # attention-site methods: tokens found important
+        "kv_bits": mean("kv_bits"),  # bits per cached value after the prefill (statistics included; fp16 = 16)
         "compress_seconds_this_run": sum(s.seconds for s in stats),
         "generate_seconds_this_run": t_gen,
     }
@@ -236,9 +273,12 @@ def sweep(
     base = evaluate(model, processor, records, out / "none_1.0", batch_size=batch_size, progress=progress,
                     config=config, **eval_kwargs)
     for m in methods:
-        for r in ratios:
-            res = base if r >= 1.0 else evaluate(model, processor, records, out / f"{m}_{r}", method=m, ratio=r,
-                                                 batch_size=batch_size, progress=progress, config=config, **eval_kwargs)
+        name, hyper = parse_method_spec(m)
+        folder = m.replace(":", "_").replace("+", "_")
+        for r in ([None] if own_budget(name) else ratios):  # an own-budget method (zipvl: tau) runs once
+            res = base if r is not None and r >= 1.0 else evaluate(
+                model, processor, records, out / (folder if r is None else f"{folder}_{r}"), method=name, ratio=r,
+                batch_size=batch_size, progress=progress, config=config, **eval_kwargs, **hyper)
             if not res:  # another process of a multi-process run: the main process scores and writes
                 continue
             s = res["scores"]
@@ -249,17 +289,32 @@ def sweep(
                 score, acc, cats = s["accuracy"], s["accuracy"] / 100, s["by_task_type"]
             rows.append({"method": m, "ratio": r, "score": score, "accuracy": acc,
                          "tokens": res["compression"]["visual_tokens_after"],
-                         "llm_fraction": res["compression"]["llm_visual_fraction"] or 1.0, "categories": cats})
+                         "llm_fraction": res["compression"]["llm_visual_fraction"] or 1.0, "categories": cats,
+                         **{k: res["compression"].get(k) for k in ("important_fraction", "kv_bits")
+                            if res["compression"].get(k) is not None}})
     if not is_main_process():
         return []
+    if any(r["ratio"] is None for r in rows):  # the unpatched reference of the own-budget table
+        s = base["scores"]
+        rows.insert(0, {"method": "none", "ratio": None, "score": s["perception"] if bench == "mme" else s["accuracy"],
+                        "accuracy": s["question_accuracy"] if bench == "mme" else s["accuracy"] / 100,
+                        "important_fraction": 1.0, "kv_bits": 16.0})
     (out / "sweep.json").write_text(json.dumps(rows, indent=1))
     (out / "table.md").write_text(sweep_table(rows))
-    plot_sweep(rows, out / "sweep.png", ylabel=ylabel)
-    plot_sweep(rows, out / "sweep_flops.png", ylabel=ylabel, x="llm_fraction")
+    ratio_rows = [r for r in rows if r["ratio"] is not None]
+    if ratio_rows:
+        plot_sweep(ratio_rows, out / "sweep.png", ylabel=ylabel)
+        plot_sweep(ratio_rows, out / "sweep_flops.png", ylabel=ylabel, x="llm_fraction")
     return rows
 
 
 def sweep_table(rows: list[dict]) -> str:
+    own = [r for r in rows if r["ratio"] is None]
+    rows = [r for r in rows if r["ratio"] is not None]
+    return (_ratio_table(rows) if rows else "") + (_own_budget_table(own) if own else "")
+
+
+def _ratio_table(rows: list[dict]) -> str:
     ratios = sorted({r["ratio"] for r in rows}, reverse=True)
     methods = list(dict.fromkeys(r["method"] for r in rows))
     lookup = {(r["method"], r["ratio"]): r for r in rows}
@@ -277,6 +332,17 @@ def sweep_table(rows: list[dict]) -> str:
         cells = [f"{lookup[(m, x)]['llm_fraction']:.3f}" if (m, x) in lookup else "" for x in ratios]
         body += f"| {m} | " + " | ".join(cells) + " |\n"
     return head + body
+
+
+def _own_budget_table(own: list[dict]) -> str:
+    body = ("\nMethods that set their own budget (score; tokens each LLM layer found important, text included; "
+            "bits per cached value after the prefill, statistics included, fp16 = 16):\n\n"
+            "| method | score | important fraction | KV bits |\n|---|---|---|---|\n")
+    for r in own:
+        imp, bits = r.get("important_fraction"), r.get("kv_bits")
+        body += (f"| {r['method']} | {r['score']:.1f} ({100 * r['accuracy']:.1f}%) | "
+                 f"{'' if imp is None else f'{imp:.3f}'} | {'' if bits is None else f'{bits:.2f}'} |\n")
+    return body
 
 
 def plot_sweep(rows: list[dict], path: str | Path, ylabel: str, key: str = "score", x: str = "ratio") -> None:

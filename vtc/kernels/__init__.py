@@ -105,4 +105,30 @@ def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     return reference.unpack_bits(packed, bits, n)
 
 
-__all__ = ["BACKENDS", "backend", "set_backend", "gather_rows", "add_rows_at", "pack_bits", "unpack_bits", "calls"]
+def quantize_pack(x: torch.Tensor, step: torch.Tensor, minimum: torch.Tensor, scale: torch.Tensor | None,
+                  bits: int) -> torch.Tensor:
+    """Quantize x (B, H, T, D) with broadcastable statistics and bit-pack along D in one pass:
+    ``floor((x / scale - minimum) / step + 1/2)`` clamped to [0, 2**bits) (see :mod:`vtc.core.quant`)."""
+    if bits in (2, 4) and x.dim() == 4 and _use_triton(x):
+        from .triton_quant import quantize_pack as triton_quantize
+
+        calls["triton.quantize_pack"] += 1
+        return triton_quantize(x, step, minimum, scale, bits)
+    calls["torch.quantize_pack"] += 1
+    return reference.quantize_pack(x, step, minimum, scale, bits)
+
+
+def unpack_dequantize(packed: torch.Tensor, bits: int, n: int, step: torch.Tensor, minimum: torch.Tensor,
+                      scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """Inverse of :func:`quantize_pack` up to the quantization error: ``(q * step + minimum) * scale``."""
+    if bits in (2, 4) and packed.dim() == 4 and _use_triton(packed):
+        from .triton_quant import unpack_dequantize as triton_dequantize
+
+        calls["triton.unpack_dequantize"] += 1
+        return triton_dequantize(packed, bits, n, step, minimum, scale, dtype)
+    calls["torch.unpack_dequantize"] += 1
+    return reference.unpack_dequantize(packed, bits, n, step, minimum, scale, dtype)
+
+
+__all__ = ["BACKENDS", "backend", "set_backend", "gather_rows", "add_rows_at", "pack_bits", "unpack_bits",
+           "quantize_pack", "unpack_dequantize", "calls"]

@@ -42,3 +42,19 @@ def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     per, mask = 8 // bits, (1 << bits) - 1
     parts = [(packed >> (bits * k)) & mask for k in range(per)]
     return torch.cat(parts, dim=-1)[..., :n]
+
+
+def quantize_pack(x: torch.Tensor, step: torch.Tensor, minimum: torch.Tensor, scale: torch.Tensor | None,
+                  bits: int) -> torch.Tensor:
+    """``q = floor((x / scale - minimum) / step + 1/2)`` clamped to [0, 2**bits), packed by :func:`pack_bits`; x
+    (B, H, T, D) float32, the statistics broadcastable to it (float32 arithmetic throughout)."""
+    v = x.float() if scale is None else x.float() / scale.float()
+    q = torch.floor((v - minimum.float()) / step.float() + 0.5).clamp_(0, 2 ** bits - 1).to(torch.uint8)
+    return pack_bits(q, bits)
+
+
+def unpack_dequantize(packed: torch.Tensor, bits: int, n: int, step: torch.Tensor, minimum: torch.Tensor,
+                      scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """``(q * step + minimum) * scale`` in float32, cast to ``dtype``; q unpacked from (B, H, T, ceil(n*bits/8))."""
+    x = unpack_bits(packed, bits, n).float() * step.float() + minimum.float()
+    return (x if scale is None else x * scale.float()).to(dtype)
