@@ -71,6 +71,47 @@ def layout_check(args, hk: int, hd: int, length: int, dtype: torch.dtype) -> Non
               f"({16 * layer.nbytes / layer.dense_nbytes(2):.2f} bits per value, statistics included)")
 
 
+def toy_accuracy(rows: list[tuple[str, dict, dict]], bench: str) -> None:
+    """Each row's cache on a bundled toy, generating greedily exactly as ``vtc eval`` does: MME perception and
+    question accuracy on the toy LLaVA (ShapesMME test split), or Video-MME accuracy on the toy OneVision (the
+    first 120 ShapesVideo test clips, 32 frames; its replies name the option's words before the letter, so the
+    decode reads the cache)."""
+    from vtc.cli import TEST_SEED, _cached_split
+
+    if bench == "mme":
+        from vtc.eval.mme_data import load_mme, write_shapes_mme
+        from vtc.eval.runner import evaluate_mme as evaluate
+        from vtc.zoo.models import default_model as load
+
+        data = _cached_split(f"shapes-mme-s{TEST_SEED}-n40-c112",
+                             lambda d: write_shapes_mme(d, TEST_SEED, 40, canvas=112))
+        recs, extra = load_mme(data / "mme.parquet"), {}
+    else:
+        from vtc.eval.videomme_data import load_videomme, write_shapes_video
+        from vtc.eval.videomme_runner import evaluate_videomme as evaluate
+        from vtc.zoo.models import default_video_model as load
+
+        data = _cached_split(f"shapes-video-s{TEST_SEED}-n10", lambda d: write_shapes_video(d, TEST_SEED, 10))
+        recs, extra = load_videomme(data), {"frames": 32}
+    model, proc, label = load()
+    print(f"\ntoy accuracy: {label}, {len(recs)} questions")
+    print(f"{'cache':42} {'score':>14} {'accuracy':>8} {'KV bits':>7}")
+    gen = model.generation_config
+    for name, hyper, gen_kw in rows:
+        saved = {k: getattr(gen, k, None) for k in gen_kw}
+        for k, v in gen_kw.items():
+            setattr(gen, k, v)
+        try:
+            res = evaluate(model, proc, recs, method="zipvl" if hyper else None, progress=False, **extra, **hyper)
+        finally:
+            for k, v in saved.items():
+                setattr(gen, k, v)
+        s, bits = res["scores"], res["compression"].get("kv_bits")
+        score, acc = (s["perception"], s["question_accuracy"]) if bench == "mme" else (s["accuracy"],
+                                                                                        s["accuracy"] / 100)
+        print(f"{name:42} {score:14.1f} {100 * acc:7.1f}% {'' if bits is None else f'{bits:7.2f}'}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu")
@@ -84,8 +125,16 @@ def main() -> None:
     ap.add_argument("--decode", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--no-quanto", action="store_true", help="skip transformers' QuantizedCache rows")
+    ap.add_argument("--toy", choices=["mme", "videomme"],
+                    help="also score every row on a bundled toy: LLaVA on ShapesMME, or OneVision on ShapesVideo")
     args = ap.parse_args()
     args.batch = 1
+    if not args.no_quanto:
+        try:
+            import optimum.quanto  # noqa: F401
+        except ImportError:
+            raise SystemExit("transformers' QuantizedCache rows need optimum-quanto: pip install -e '.[bench]' "
+                             "(or pass --no-quanto)")
     model, _ = build(args)
     dtype = getattr(torch, args.dtype)
     model = model.to(dtype)
@@ -162,7 +211,6 @@ def main() -> None:
           f"{args.dtype}, {dev}; median of {args.repeats}; fp16 KV of these tokens: {dense_fp16 / 2**20:.2f} MiB")
     print(f"{'cache':42} {'important':>9} {'KV MiB':>7} {'vs fp16':>7} {'prefill ms':>10} {'speedup':>7} "
           f"{'ideal':>6} {'decode ms/tok':>13}")
-    layout_check(args, hk, hd, length, dtype)
     for name, _, _ in rows:
         r = results[name]
         t_ms = statistics.median(r["t"]) * 1e3
@@ -177,6 +225,9 @@ def main() -> None:
         print(f"{name:42} {'' if imp is None else f'{statistics.mean(imp):9.3f}':>9} {r['bytes'] / 2**20:7.2f} "
               f"{r['bytes'] / dense_fp16:6.3f}x {t_ms:10.1f} {base_t * 1e3 / t_ms:6.2f}x {ideal:>6} "
               f"{statistics.median(r['dec']) if r['dec'] else float('nan'):13.2f}")
+    layout_check(args, hk, hd, length, dtype)
+    if args.toy:
+        toy_accuracy(rows, args.toy)
 
 
 if __name__ == "__main__":

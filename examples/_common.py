@@ -12,7 +12,8 @@ import vtc
 
 def add_compression_args(ap: argparse.ArgumentParser, ratio_help: str) -> None:
     """The flags both examples share: method, budget, generation length, device."""
-    ap.add_argument("--method", default="cls", help=f"one of {vtc.available_methods()} or 'none'")
+    ap.add_argument("--method", default="cls", help=f"one of {vtc.available_methods()} or 'none', with options as "
+                    "name:key=value+key=value (e.g. zipvl:tau=0.95+kv=evict)")
     ap.add_argument("--ratio", type=float, default=None, help=ratio_help)
     ap.add_argument("--tokens", type=int, default=None,
                     help="visual tokens kept per image / video (instead of --ratio)")
@@ -35,10 +36,13 @@ def load_for_example(args: argparse.Namespace, default: Callable[[str], tuple], 
 
 def generate_and_report(model: Any, processor: Any, inputs: Any, args: Any) -> "vtc.Patch | None":
     """Patch per ``args.method/ratio/tokens`` (ratio 0.25 by default), generate, print answer and token counts."""
+    from vtc.eval.runner import own_budget, parse_method_spec
+
     p = None
     if args.method != "none":
-        ratio = args.ratio if args.ratio is not None or args.tokens is not None else 0.25
-        p = vtc.patch(model, args.method, ratio=ratio, tokens=args.tokens)
+        name, hyper = parse_method_spec(args.method)
+        ratio = args.ratio if args.ratio is not None or args.tokens is not None or own_budget(name) else 0.25
+        p = vtc.patch(model, name, ratio=ratio, tokens=args.tokens, **hyper)
     t0 = time.perf_counter()
     with torch.inference_mode():
         out = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)
@@ -52,4 +56,8 @@ def generate_and_report(model: Any, processor: Any, inputs: Any, args: Any) -> "
     st = p.stats[0]
     print(f"visual tokens: {st.tokens_before[0]} -> {st.tokens_after[0]} kept ({p.method.describe()}); "
           f"compression overhead {st.seconds * 1e3:.1f} ms; generate {dt:.2f} s")
+    if st.important_tokens and st.sequence_tokens:
+        frac = sum(v[0] for v in st.important_tokens.values()) / (len(st.important_tokens) * st.sequence_tokens[0])
+        kv = f"; KV cache {16 * st.kv_bytes[0] / st.kv_bytes[1]:.2f} bits per value" if st.kv_bytes else ""
+        print(f"important tokens per layer: {frac:.1%} of {st.sequence_tokens[0]}{kv}")
     return p

@@ -271,3 +271,29 @@ def test_multi_turn_reuses_the_compressed_cache(make_llava, llava_batch):
     with vtc.patched(m, "zipvl", stream_gap=2):
         out, cache = two_turns(m)
     assert isinstance(cache, MixedPrecisionCache) and cache.get_seq_length() == out.shape[1] - 1
+
+
+def test_stats_seconds_include_the_attention_site_and_decode_time_is_kept_apart(make_llava, llava_batch):
+    """vtc's own time inside the LLM (after the prefill's stats exist) counts toward that prefill; decode steps'
+    time goes to Runtime.decode_seconds instead of leaking into the next prefill."""
+    import time as _time
+
+    m = make_llava(text_layers=2)
+    p = vtc.patch(m, "zipvl", kv="evict")
+    att = p.adapter.attention
+    spent = []
+    original = att._prefill
+
+    def timed_prefill(*a, **kw):
+        t0 = _time.perf_counter()
+        try:
+            return original(*a, **kw)
+        finally:
+            spent.append(_time.perf_counter() - t0)
+
+    att._prefill = timed_prefill
+    greedy(m, llava_batch, n=4)
+    greedy(m, llava_batch, n=4)
+    assert len(p.stats) == 2 and len(spent) == 4
+    assert p.stats[0].seconds >= sum(spent[:2]) and p.stats[1].seconds >= sum(spent[2:])
+    assert p.runtime.decode_seconds > 0

@@ -214,6 +214,14 @@ def main(argv: list[str] | None = None) -> int:
     sw.add_argument("--methods", type=_methods, default="cls,random,uniform,pool,fastv,aim",
                     help="comma-separated, each name[:key=value+...]; methods with their own budget (zipvl) run once")
     sw.add_argument("--ratios", type=_ratios, default="1.0,0.5,0.25,0.11", help="comma-separated, each in (0, 1]")
+    conv = sub.add_parser("convert", help="convert released checkpoints to transformers folders").add_subparsers(
+        dest="what", required=True)
+    tp = conv.add_parser("tokenpacker", help="a LLaVA-format TokenPacker checkpoint -> a folder vtc.models."
+                         "tokenpacker.from_pretrained (and --model) loads")
+    tp.add_argument("src", help="local folder of the released checkpoint (config.json with scale_factor, weights)")
+    tp.add_argument("dst", help="output folder")
+    tp.add_argument("--vision-tower", help="local CLIP-L/336 folder, when the checkpoint holds no tower weights")
+    tp.add_argument("--debug", action="store_true", help="show tracebacks of user errors")
     data = sub.add_parser("data", help="write synthetic benchmarks").add_subparsers(dest="what", required=True)
     sm = data.add_parser("shapes-mme", help="ShapesMME in the MME_Benchmark folder layout and lmms-eval parquet")
     sm.add_argument("--out", required=True)
@@ -264,6 +272,12 @@ def _run(args) -> int:
     if args.cmd == "methods":
         from . import available_methods
         print("\n".join(available_methods()))
+        return 0
+    if args.cmd == "convert":
+        from .models.tokenpacker import convert
+
+        with _user_input(f"converting {args.src}"):
+            print(convert(args.src, args.dst, args.vision_tower))
         return 0
     if args.cmd == "data":
         with _user_input(f"writing {args.out}"):

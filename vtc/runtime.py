@@ -53,6 +53,9 @@ class Runtime:
         self.tokens = tokens
         self.stats: deque[CallStats] = deque(maxlen=max_stats)
         self._pending_seconds: dict[int, float] = {}  # per thread: time of the call in progress
+        self._current: dict[int, CallStats] = {}  # per thread: the stats of the call in progress, once recorded
+        #: vtc's own seconds in forward passes that compressed no prefill (decode-step mask and cache rewrites)
+        self.decode_seconds = 0.0
         #: called on entering and leaving each timed region (``Patch.sync_timing``): a device synchronize
         self.sync: Callable[[], None] | None = None
         #: per image (N,) bool keep masks of the most recent vision-site call, for overlays and inspection
@@ -120,12 +123,26 @@ class Runtime:
             if self.sync is not None:
                 self.sync()
             t = threading.get_ident()
-            self._pending_seconds[t] = self._pending_seconds.get(t, 0.0) + time.perf_counter() - t0
+            dt = time.perf_counter() - t0
+            current = self._current.get(t)
+            if current is not None:  # after the prefill's stats exist (in-LLM pruning, attention site, restore)
+                current.seconds += dt
+            else:  # before them (vision site, LM-input selection), or a call that records none (decode)
+                self._pending_seconds[t] = self._pending_seconds.get(t, 0.0) + dt
 
     def record(self, before: list[int], after: list[int]) -> CallStats:
-        st = CallStats(before, after, self._pending_seconds.pop(threading.get_ident(), 0.0))
+        t = threading.get_ident()
+        st = CallStats(before, after, self._pending_seconds.pop(t, 0.0))
         self.stats.append(st)
+        self._current[t] = st
         return st
+
+    def end_call(self) -> None:
+        """End of one forward pass of the patched model: later time belongs to the next call; time of a call
+        that recorded no prefill (a decode step) goes to ``decode_seconds``."""
+        t = threading.get_ident()
+        self._current.pop(t, None)
+        self.decode_seconds += self._pending_seconds.pop(t, 0.0)
 
     def discard_pending_time(self) -> None:
         self._pending_seconds.pop(threading.get_ident(), None)

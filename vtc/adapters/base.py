@@ -95,6 +95,7 @@ class Adapter(HookOwner):
         """Last hook of the base model, also run when the forward raised: clear per-call state, release."""
         try:
             self.call = None
+            self.rt.end_call()
             self.pruner.end_call()
             if self.layer_pruner is not None:
                 self.layer_pruner.ctx = None

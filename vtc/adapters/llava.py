@@ -6,6 +6,9 @@ Sites:
   projector hands each image's features to the runtime and projects only the kept tokens; a forward hook
   lays them back into the placeholder layout (dropped rows are zero and never reach the LM).
 - ``llm_input``: :class:`~vtc.adapters.llm_input.LLMInputPruner` on ``model.model.language_model``.
+- ``projector``: a TokenPacker projector (:mod:`vtc.models.tokenpacker`) packs each s x s region of the patch grid
+  into one token, so selection runs on its outputs instead: every score is average-pooled over the same regions
+  (the packed token's share of the CLS attention, its mean key, ...), and dropped packed rows are zeroed.
 
 Keep sets travel from the vision site to the LM through the identity of the per-image feature tensors in
 ``pooler_output`` (``generate`` pre-encodes images, then may repeat the same tensor objects for beams).
@@ -63,6 +66,13 @@ class LlavaAdapter(Adapter):
         fl = fl[-1] if isinstance(fl, (list, tuple)) else fl
         hidden_index = fl % (n_layers + 1)
         self.grid = (vcfg.image_size // vcfg.patch_size,) * 2
+        from ..models.tokenpacker import is_tokenpacker
+
+        proj = self.base.multi_modal_projector
+        #: (s, tower grid) when the projector packs regions into tokens (TokenPacker), else None
+        self.packing = (proj.scale_factor, self.grid) if is_tokenpacker(proj) else None
+        if self.packing is not None:
+            self.grid = proj.packed_grid
         embeddings = getattr(getattr(tower, "vision_model", tower), "embeddings", None)
         self.has_cls = hasattr(embeddings, "class_embedding")
         self.drop_cls_column = self.has_cls and self.strategy == "default"
@@ -146,7 +156,7 @@ class LlavaAdapter(Adapter):
         return None
 
     def _projector_pre(self, module: nn.Module, args: tuple):
-        if not self.scratch.active:
+        if not self.scratch.active or self.packing is not None:  # a packing projector: select on its outputs
             return None
         with self.rt.timed():
             x = args[0]  # (B, N, D)
@@ -176,7 +186,32 @@ class LlavaAdapter(Adapter):
             self.scratch.layout = (index, valid, n)
         return (packed,) + args[1:]
 
+    def _pooled_scores(self) -> dict[tuple[str, int], torch.Tensor]:
+        """The tower's per-patch scores averaged over each packed region: (B, g*g[, D]) -> (B, (g/s)^2[, D])."""
+        s, (gh, gw) = self.packing
+        out = {}
+        for key, v in self.scratch.scores.items():
+            x = v.reshape(v.shape[0], gh, gw, -1).permute(0, 3, 1, 2).float()
+            pooled = torch.nn.functional.avg_pool2d(x, s).flatten(2).transpose(1, 2)  # (B, n', D)
+            out[key] = (pooled[..., 0] if v.dim() == 2 else pooled).to(v.dtype)
+        return out
+
+    def _select_packed(self, output: torch.Tensor) -> torch.Tensor:
+        b, n, _ = output.shape
+        scores = self._pooled_scores()
+        sels = [self.rt.compress_image(output[i], self.grid, {k: v[i] for k, v in scores.items()}) for i in range(b)]
+        keep = torch.zeros(b, n, dtype=torch.bool, device=output.device)
+        out = torch.zeros_like(output)
+        for i, s in enumerate(sels):
+            keep[i, s.index] = True
+            out[i, s.index] = s.features.to(output.dtype) if s.features is not None else output[i, s.index]
+        self.scratch.keep = keep
+        return out
+
     def _projector_post(self, module: nn.Module, args: tuple, output: torch.Tensor):
+        if self.scratch.active and self.packing is not None:
+            with self.rt.timed():
+                return self._select_packed(output)
         layout = self.scratch.layout
         if not self.scratch.active or layout is None:
             return None

@@ -1,4 +1,4 @@
-"""The ``llm_layer(k)`` and ``attention`` sites for Hugging Face decoder LMs (Llama, Mistral, Qwen2, ...).
+"""The ``llm_layer(k)`` site for Hugging Face decoder LMs (Llama, Mistral, Qwen2, ...).
 
 At a planned layer the layer's own q/k projections are captured (no eager attention, no extra projections),
 RoPE is applied with the layer's ``position_embeddings``, and the method gets the attention inputs it asked

@@ -27,6 +27,10 @@ def load_model(path: str | Path, device: str = "cpu", dtype: torch.dtype | None 
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no checkpoint at {path}; pass a local folder saved with save_pretrained")
+    if (path / "config.json").exists() and '"tokenpacker"' in (path / "config.json").read_text():
+        from ..models import tokenpacker  # its projector is not a transformers class
+
+        return tokenpacker.from_pretrained(path, device, dtype, attn)
     model = AutoModelForImageTextToText.from_pretrained(
         path, dtype=dtype or torch.float32, attn_implementation=attn, local_files_only=True, **LOAD_KWARGS
     ).to(device).eval()

@@ -42,6 +42,25 @@ def tiny_llava(
     return _build(LlavaForConditionalGeneration, cfg, seed, attn)
 
 
+def tiny_tokenpacker_llava(seed: int = 0, image_size: int = 64, patch_size: int = 8, scale_factor: int = 2,
+                           key_layers: tuple[int, ...] = (1, 2, 3, 3), text_layers: int = 2, attn: str = "sdpa"):
+    """A tiny LLaVA whose projector is TokenPacker: an (image_size/patch_size)^2 grid packs to (.../s)^2 tokens; a
+    4-layer tower whose hidden states ``key_layers`` stand in for CLIP-L's 12/16/22/23."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    from ..models.tokenpacker import install, tokenpacker_config
+
+    vision = CLIPVisionConfig(image_size=image_size, patch_size=patch_size, num_hidden_layers=4, projection_dim=32,
+                              **_VISION)
+    cfg = LlavaConfig(vision_config=vision, text_config=LlamaConfig(num_hidden_layers=text_layers, **_TEXT),
+                      image_token_id=IMAGE_TOKEN_ID)
+    tokenpacker_config(cfg, scale_factor, key_layers)  # the authors' heads rule: hidden // 128 (here 1)
+    model = _build(LlavaForConditionalGeneration, cfg, seed, attn)
+    torch.manual_seed(seed + 1)
+    install(model).eval()
+    return model
+
+
 def tiny_llava_next(seed: int = 0, attn: str = "sdpa", vision_layers: int = 3, text_layers: int = 2):
     """A LlavaNextForConditionalGeneration: 32x32 crops of 4x4 tokens, pinpoints up to 64x64 (2x2 crops)."""
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration

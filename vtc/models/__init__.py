@@ -1,0 +1,1 @@
+"""Model components transformers does not ship, in Hugging Face form (TokenPacker's projector, ...)."""
