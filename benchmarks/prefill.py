@@ -190,7 +190,6 @@ def main() -> None:
         return mixed_batch(args, model, dtype)
     ids, inputs, n_visual, geometry = prompt(args, dtype)
     n_text = 40
-    crops, patches, projected = geometry["crops"], geometry["patches"], geometry["projected"]
     cuda = args.device == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
 

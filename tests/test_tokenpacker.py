@@ -93,8 +93,8 @@ def _official_checkpoint(tmp_path, model, tok):
     tower = CLIPVisionModel(model.config.vision_config)
     tower.save_pretrained(clip)  # its config; the weights as the hub's CLIP files name them (vision_model.*)
     tower_state = model.model.vision_tower.state_dict()
-    save_file({"vision_model." + k.removeprefix("vision_model."): v.clone().contiguous() for k, v in tower_state.items()},
-              str(clip / "model.safetensors"))
+    save_file({"vision_model." + k.removeprefix("vision_model."): v.clone().contiguous()
+               for k, v in tower_state.items()}, str(clip / "model.safetensors"))
     return src, clip
 
 
@@ -142,7 +142,8 @@ def packed_batch():
     g = torch.Generator().manual_seed(3)
     rows = [llava_prompt(16, [1, 5, 6], [7, 8, 9]), llava_prompt(16, [1, 5], [7, 8, 9, 10, 11, 12])]
     ids, am = left_pad(rows)
-    return {"input_ids": ids, "attention_mask": am, "pixel_values": torch.randn(2, 3, 64, 64, generator=g), "rows": rows}
+    return {"input_ids": ids, "attention_mask": am, "pixel_values": torch.randn(2, 3, 64, 64, generator=g),
+            "rows": rows}
 
 
 def _gen(m, b, n=6, **kw):

@@ -112,3 +112,16 @@ def test_toy_video_model_is_well_over_chance(tmp_path):
     assert {tuple(p["visual_tokens"]) for p in half["predictions"]} == {(16 * 49 + 1, 16 * 24 + 1),
                                                                         (32 * 49 + 1, 32 * 24 + 1)}
     assert half["scores"]["accuracy"] >= 60
+
+
+def test_toy_tokenpacker_is_well_over_chance(subset):
+    from vtc.zoo.models import TOY_TOKENPACKER
+
+    if not (TOY_TOKENPACKER / "config.json").exists():
+        pytest.skip("no toy TokenPacker checkpoint bundled")
+    model, proc = load_model("toy-tokenpacker")
+    res = evaluate_mme(model, proc, subset, progress=False)
+    assert res["scores"]["question_accuracy"] >= 0.70  # chance is 0.5; the bundled checkpoint gets 0.817 here
+    res = evaluate_mme(model, proc, subset, method="cls", ratio=0.5, progress=False)
+    assert res["compression"]["visual_tokens_before"] == 49 and res["compression"]["visual_tokens_after"] == 24
+    assert res["scores"]["question_accuracy"] >= 0.70  # cls keeps half of the packed tokens: 0.80 here

@@ -209,7 +209,8 @@ def test_onevision_video():
     rows = [[1, 5] + [QWEN_VIDEO] * n_video + [7, 8], [1] + [QWEN_VIDEO] * n_video + [7, 8, 9]]
     ids, am = left_pad(rows)
     g = torch.Generator().manual_seed(4)
-    batch = {"input_ids": ids, "attention_mask": am, "pixel_values_videos": torch.randn(2, frames, 3, 32, 32, generator=g)}
+    batch = {"input_ids": ids, "attention_mask": am,
+             "pixel_values_videos": torch.randn(2, frames, 3, 32, 32, generator=g)}
     kw = dict(max_new_tokens=6, do_sample=False)
     ref = m.generate(**batch, **kw)
     with vtc.patched(m, "zipvl", tau=1.0, bits_high=16, bits_low=16):
@@ -297,3 +298,30 @@ def test_stats_seconds_include_the_attention_site_and_decode_time_is_kept_apart(
     assert len(p.stats) == 2 and len(spent) == 4
     assert p.stats[0].seconds >= sum(spent[:2]) and p.stats[1].seconds >= sum(spent[2:])
     assert p.runtime.decode_seconds > 0
+
+
+@pytest.mark.parametrize("family", ["llava-next", "onevision-image"])
+def test_anyres_families(family):
+    """AnyRes images (LLaVA-NeXT, OneVision): identity at tau 1 / 16 bits, and a padded batch of two image sizes
+    equals its single runs with the 4/2-bit cache."""
+    from vtc.zoo.tiny import llava_next_tokens, llava_prompt, tiny_llava_next
+
+    make = tiny_llava_next if family == "llava-next" else tiny_llava_onevision
+    m = make()
+    sizes = [(32, 32), (40, 64)]
+    n = llava_next_tokens(m, sizes)
+    rows = [llava_prompt(k, [1, 5], [7, 8, 9]) for k in n]
+    ids, am = left_pad(rows)
+    pv = torch.randn(2, 5, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    kw = dict(max_new_tokens=6, do_sample=False)
+    batch = dict(input_ids=ids, attention_mask=am, pixel_values=pv, image_sizes=torch.tensor(sizes))
+    ref = m.generate(**batch, **kw)
+    with vtc.patched(m, "zipvl", tau=1.0, bits_high=16, bits_low=16):
+        assert torch.equal(m.generate(**batch, **kw), ref)
+    p = vtc.patch(m, "zipvl", tau=0.9, stream_gap=2)
+    out = m.generate(**batch, **kw)
+    for i, row in enumerate(rows):
+        single = dict(input_ids=torch.tensor([row]), attention_mask=torch.ones(1, len(row), dtype=torch.long),
+                      pixel_values=pv[i:i + 1], image_sizes=torch.tensor([sizes[i]]))
+        assert torch.equal(m.generate(**single, **kw)[0, len(row):], out[i, ids.shape[1]:])
+    assert p.events["attention.sparse_prefill"] >= 1 and p.events["attention.commit"] > 2

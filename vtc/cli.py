@@ -168,7 +168,8 @@ def _records(args):
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="local checkpoint folder, or a bundled toy: toy-llava / toy-qwen2-vl / "
-                   "toy-llava-next / toy-llava-onevision (default: toy-llava; for Video-MME toy-llava-onevision)")
+                   "toy-llava-next / toy-llava-onevision / toy-tokenpacker (default: toy-llava; for Video-MME "
+                   "toy-llava-onevision)")
     p.add_argument("--data", help="MME: parquet file/folder or MME_Benchmark folder; Video-MME: records "
                    "(parquet/JSON) with data/<videoID>.mp4 (default: the ShapesMME / ShapesVideo test split)")
     p.add_argument("--videos", help="Video-MME: the folder holding data/<videoID>.mp4 when the records live "

@@ -65,8 +65,8 @@ class ZipVL(Method):
         if not 0.0 < self.probe_frac <= 1.0:
             raise ValueError(f"zipvl: probe_frac must be in (0, 1]; got {self.probe_frac!r}")
         if self.kv == "full" and not self.sparse_prefill:
-            raise ValueError("zipvl: kv='full' with sparse_prefill=False changes nothing; choose kv='mixed' or 'evict', "
-                             "or sparse_prefill=True")
+            raise ValueError("zipvl: kv='full' with sparse_prefill=False changes nothing; choose kv='mixed' or "
+                             "'evict', or sparse_prefill=True")
 
     def attention_layers(self, num_layers: int) -> tuple[int, ...]:
         return tuple(range(num_layers))

@@ -296,13 +296,14 @@ def convert(src: str | Path, dst: str | Path, vision_tower: str | Path | None = 
     model.save_pretrained(dst)
     pre = Path(vision_tower or src) / "preprocessor_config.json"
     norm = json.loads(pre.read_text()) if pre.exists() else {}
-    image_processor = LlavaImageProcessor(  # the authors' expand2square (mean-colour padding), then CLIP's resize + crop
+    # the authors' expand2square (mean-colour padding), then CLIP's resize + centre crop
+    image_processor = LlavaImageProcessor(
         do_pad=True, size={"shortest_edge": vision_cfg.image_size},
         crop_size={"height": vision_cfg.image_size, "width": vision_cfg.image_size},
         image_mean=norm.get("image_mean", [0.48145466, 0.4578275, 0.40821073]),
         image_std=norm.get("image_std", [0.26862954, 0.26130258, 0.27577711]))
     LlavaProcessor(image_processor=image_processor, tokenizer=tok,
-                   patch_size=vision_cfg.patch_size * int(raw["scale_factor"]), vision_feature_select_strategy="default",
-                   num_additional_image_tokens=1, chat_template=VICUNA_V1_TEMPLATE,
-                   image_token="<image>").save_pretrained(dst)
+                   patch_size=vision_cfg.patch_size * int(raw["scale_factor"]),
+                   vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                   chat_template=VICUNA_V1_TEMPLATE, image_token="<image>").save_pretrained(dst)
     return dst

@@ -11,7 +11,8 @@ TOY_LLAVA = CHECKPOINTS / "toy-llava"
 TOY_QWEN = CHECKPOINTS / "toy-qwen2-vl"
 TOY_NEXT = CHECKPOINTS / "toy-llava-next"
 TOY_OV = CHECKPOINTS / "toy-llava-onevision"
-TOYS = ("toy-llava", "toy-qwen2-vl", "toy-llava-next", "toy-llava-onevision")
+TOY_TOKENPACKER = CHECKPOINTS / "toy-tokenpacker"  # the toy LLaVA with a trained TokenPacker (49 visual tokens)
+TOYS = ("toy-llava", "toy-qwen2-vl", "toy-llava-next", "toy-llava-onevision", "toy-tokenpacker")
 
 
 def load_model(path: str | Path, device: str = "cpu", dtype: torch.dtype | None = None, attn: str = "sdpa"):

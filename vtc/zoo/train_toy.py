@@ -106,6 +106,7 @@ from .summary_aux import (SummaryHeads, relevance_targets, summary_targets, word
 POST_PROMPT = "\nAnswer the question using a single word or phrase."
 IMAGE_SIZE, PATCH = 112, 8  # LLaVA: 14x14 = 196 visual tokens; Qwen2-VL: patch 4, merge 2 -> 196 tokens
 QWEN_PATCH = 4
+TOKENPACKER_SCALE, TOKENPACKER_LAYERS = 2, (1, 2, 3, 3)  # the toy TokenPacker: 2x2 regions, its key layers
 # toy AnyRes (LLaVA-NeXT): ShapesMME drawn on 224-px canvases, seen as a 112-px thumbnail + 2x2 crops of 112 px
 NEXT_CANVAS, NEXT_PINPOINTS = 224, [[112, 224], [224, 112], [224, 224]]
 TRAIN_SEED, VAL_SEED = 1000, 2000
@@ -161,10 +162,12 @@ class Family:
         elif name == "llava-next":
             self.proc = build_llava_next_processor(IMAGE_SIZE, PATCH, NEXT_PINPOINTS)
             self.canvas = NEXT_CANVAS
+        elif name == "tokenpacker":  # the toy LLaVA's 14x14 grid packed 2x2: 7x7 = 49 visual tokens
+            self.proc = build_llava_processor(IMAGE_SIZE, PATCH * TOKENPACKER_SCALE)
         else:
-            raise ValueError(f"family must be 'llava', 'qwen2-vl' or 'llava-next'; got {name!r}")
+            raise ValueError(f"family must be 'llava', 'qwen2-vl', 'llava-next' or 'tokenpacker'; got {name!r}")
         self.tok = self.proc.tokenizer
-        self.n_image = (IMAGE_SIZE // PATCH) ** 2
+        self.n_image = (IMAGE_SIZE // (PATCH * (TOKENPACKER_SCALE if name == "tokenpacker" else 1))) ** 2
         if name == "llava-next":  # thumbnail + crops + one newline per row of the crop canvas, for a square canvas
             from PIL import Image
 
@@ -182,12 +185,15 @@ class Family:
         return Qwen2VLForConditionalGeneration(toy_qwen_config(self.tok))
 
     def load(self, path):
+        if self.name == "tokenpacker":
+            from ..models.tokenpacker import from_pretrained
+            return from_pretrained(path)[0].train()
         from ..adapters.hf import LOAD_KWARGS
         from transformers import AutoModelForImageTextToText
         return AutoModelForImageTextToText.from_pretrained(path, **LOAD_KWARGS)
 
     def image_segment(self, model) -> list[int]:
-        if self.name in ("llava", "llava-next"):
+        if self.name in ("llava", "llava-next", "tokenpacker"):
             return [model.config.image_token_id] * self.n_image
         c = model.config
         return [c.vision_start_token_id] + [c.image_token_id] * self.n_image + [c.vision_end_token_id]
@@ -215,7 +221,7 @@ class Family:
         """What :meth:`projector` reads (computed without grad): LLaVA: the feature layer's patch tokens
         (B, N, width); Qwen: the last block's output (B*4N, width), 2x2 merge units consecutive."""
         with torch.no_grad():
-            if self.name == "llava":
+            if self.name in ("llava", "tokenpacker"):
                 return _tower_features(self.vision_module(model), self, model, pix)[1]
             return model.model.visual(pix["pixel_values"], grid_thw=pix["image_grid_thw"]).last_hidden_state
 
@@ -299,9 +305,11 @@ def _tower_features(vt, fam: Family, model, pix: dict) -> tuple[torch.Tensor, to
     """(image embedding, (B, N, width) per-token features the LM sees through the projector): LLaVA: the CLS
     output and the feature layer's patch tokens; Qwen: the mean and the PatchMerger outputs (one per 2x2 unit =
     one cell of the same 14x14 grid)."""
-    if fam.name == "llava":
+    if fam.name in ("llava", "tokenpacker"):
         out = vt(pix["pixel_values"], output_hidden_states=True)
-        return out.pooler_output, out.hidden_states[model.config.vision_feature_layer][:, 1:]
+        layers = model.config.vision_feature_layer  # TokenPacker: several layers, concatenated as transformers does
+        layers = layers if isinstance(layers, (list, tuple)) else [layers]
+        return out.pooler_output, torch.cat([out.hidden_states[j][:, 1:] for j in layers], -1)
     merged = vt(pix["pixel_values"], grid_thw=pix["image_grid_thw"]).pooler_output
     feats = merged.reshape(-1, fam.n_image, merged.shape[-1])
     return feats.mean(1), feats
@@ -389,7 +397,7 @@ def align_projector(model, fam: Family, steps: int, batch: int, log) -> None:
     proj = fam.projector(model)
     emb, word_ids, x_words = model.get_input_embeddings().weight, _word_ids(fam.tok), _x_words(fam.tok)
     opt = torch.optim.AdamW(proj.parameters(), lr=1e-3)
-    grid, t0 = IMAGE_SIZE // PATCH, time.time()
+    grid, t0 = math.isqrt(fam.n_image), time.time()  # one label cell per visual token (7x7 for TokenPacker)
     for step in range(steps):
         samples = [gen.training_sample() for _ in range(batch)]
         labels = torch.stack([patch_labels(sc, IMAGE_SIZE, grid)[ALIGN_ROWS] for _, sc in samples]).to(fam.device)
@@ -645,6 +653,43 @@ def blank_visual_token(llava) -> torch.Tensor:
     return feats.reshape(-1, feats.shape[-1]).mean(0)
 
 
+def tokenpacker_from_llava(fam: Family, path: str):
+    """The toy LLaVA (tower and LM kept) with a fresh TokenPacker projector at s = 2; the 4-layer tower's hidden
+    states 1, 2, 3, 3 stand in for CLIP-L's 12, 16, 22, 23 (the query layer is -2 = 3, as in the authors' 23).
+    Returns (model, the toy LLaVA's own MLP projector: the stage-2 teacher)."""
+    from ..models.tokenpacker import install, tokenpacker_config
+
+    model = Family("llava").load(path)
+    teacher = model.model.multi_modal_projector
+    tokenpacker_config(model.config, TOKENPACKER_SCALE, TOKENPACKER_LAYERS)
+    install(model)
+    return model, teacher.eval().requires_grad_(False)
+
+
+def distill_packer(model, fam: Family, teacher: nn.Module, steps: int, batch: int, log) -> None:
+    """Stage 2 for the toy TokenPacker (the authors' stage 1 trains the projector alone): regress its 49 outputs
+    onto the toy LLaVA's own MLP projector output averaged over each 2x2 region, so that stage 3 starts from
+    visual tokens the LM already reads."""
+    gen = ShapesGenerator(TRAIN_SEED + 1)
+    proj = fam.projector(model)
+    opt = torch.optim.AdamW(proj.parameters(), lr=1e-3)
+    d, t0 = model.config.vision_config.hidden_size, time.time()
+    side = IMAGE_SIZE // PATCH
+    for step in range(steps):
+        x = fam.projector_input(model, fam.pixels([gen.training_sample()[0] for _ in range(batch)]))
+        with torch.no_grad():
+            full = teacher(x[..., -d:])  # the -2 layer's tokens through the MLP, as the toy LLaVA feeds its LM
+            target = F.avg_pool2d(full.view(batch, side, side, -1).permute(0, 3, 1, 2), TOKENPACKER_SCALE)
+            target = target.flatten(2).transpose(1, 2)
+        loss = F.mse_loss(proj(x), target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step % 50 == 0 or step == steps - 1:
+            rel = loss.item() / target.pow(2).mean().item()
+            log(f"stage2 step {step} distillation mse {loss.item():.2e} (relative {rel:.3f}, {time.time() - t0:.0f}s)")
+
+
 def next_from_llava(fam: Family, path: str):
     """A toy ``LlavaNextForConditionalGeneration`` holding a toy LLaVA's weights (:func:`from_toy_llava`)."""
     from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
@@ -683,7 +728,7 @@ def parse_weights(text: str) -> dict[str, float] | None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--family", default="llava", choices=["llava", "qwen2-vl", "llava-next"])
+    ap.add_argument("--family", default="llava", choices=["llava", "qwen2-vl", "llava-next", "tokenpacker"])
     ap.add_argument("--out", help="output folder (default: vtc/zoo/checkpoints/toy-<family>)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--stage1-minutes", type=float, default=12)
@@ -727,11 +772,18 @@ def main() -> None:
     if args.resume and args.init:
         raise ValueError("give --resume (a stage-1 tower) or --init (a whole checkpoint), not both")
     teacher = None  # the toy LLaVA a Qwen tower is distilled onto (qwen2-vl --from-llava)
+    packer_teacher = None  # the toy LLaVA's MLP projector a TokenPacker is distilled from (tokenpacker)
     if args.family == "llava-next":
         if not args.from_llava or args.aux != 0 or args.start_stage != 3:
             raise ValueError("--family llava-next fine-tunes a toy LLaVA on AnyRes views: pass --from-llava PATH "
                              "--start-stage 3 --aux 0 (the auxiliary heads assume one 14x14 grid per image)")
         model = next_from_llava(fam, args.from_llava)
+    elif args.family == "tokenpacker":
+        if not args.from_llava or args.aux != 0 or args.start_stage != 2:
+            raise ValueError("--family tokenpacker replaces a toy LLaVA's projector by a new TokenPacker: pass "
+                             "--from-llava PATH --start-stage 2 --aux 0 (stage 2 aligns the new projector alone, "
+                             "stage 3 trains it with the LM)")
+        model, packer_teacher = tokenpacker_from_llava(fam, args.from_llava)
     elif args.family == "qwen2-vl" and args.from_llava:
         if args.init or args.start_stage == 1:
             raise ValueError("--family qwen2-vl --from-llava PATH builds the model from that toy LLaVA (its LM, a "
@@ -741,7 +793,8 @@ def main() -> None:
         raise ValueError(f"--from-llava is for --family llava-next or qwen2-vl, not {args.family}")
     else:
         model = fam.load(args.init) if args.init else fam.new_model()
-    if args.init and model.config.model_type != args.family.replace("-", "_"):  # llava, qwen2_vl, llava_next
+    model_type = {"tokenpacker": "llava"}.get(args.family, args.family.replace("-", "_"))
+    if args.init and model.config.model_type != model_type:
         raise ValueError(f"--init {args.init}: a {type(model).__name__}, not a {args.family} toy model")
     if args.resume and not args.from_llava:  # a stage-1 tower; the LM is built from this script's config
         prefix = fam.vision_prefix()
@@ -760,6 +813,8 @@ def main() -> None:
     if args.start_stage <= 2 and args.stage2_steps > 0 and teacher is not None:
         distill_tower(model, teacher, fam, args.stage2_steps, 16, log)  # 16 images: ~2 s a step on 2 cores
         model.save_pretrained(out / "stage2")
+    elif args.start_stage <= 2 and args.stage2_steps > 0 and packer_teacher is not None:
+        distill_packer(model, fam, packer_teacher.to(fam.device), args.stage2_steps, args.batch, log)
     elif args.start_stage <= 2 and args.stage2_steps > 0:
         align_projector(model, fam, args.stage2_steps, args.batch, log)
     acc = language_stage(model, fam, args.stage3_minutes, args.batch, log, "stage3", caption_p=0.05,
