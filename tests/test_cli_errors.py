@@ -87,6 +87,9 @@ def _cases(mme, video, tmp):
         ("zipvl tau 2", m + ["--method", "zipvl:tau=2"], "tau must be a number in (0, 1]"),
         ("zipvl with a ratio", m + ["--method", "zipvl", "--ratio", "0.5"], "sets its own budget"),
         ("unknown option", m + ["--method", "zipvl:bits=3"], "unknown hyperparameter(s) ['bits']"),
+        ("convert a non-TokenPacker folder", ["convert", "tokenpacker", str(tmp / "llm"), str(tmp / "out")],
+         "not a TokenPacker checkpoint"),
+        ("convert a missing folder", ["convert", "tokenpacker", str(tmp / "nope"), str(tmp / "out")], "No such file"),
         ("limit -1", m + ["--limit", "-1"], "must be >= 0"),
         ("batch size 0", m + ["--batch-size", "0"], "must be >= 1"),
         ("per-category 0", m + ["--per-category", "0"], "must be >= 1"),
@@ -110,7 +113,7 @@ def test_every_user_error_is_one_line_exit_2_no_traceback(mme, video, tmp_path, 
         assert code == 2, (name, err)
         assert "Traceback" not in err, (name, err)
         assert len(lines) == 1 and want in lines[0], (name, err)
-    assert len(cases) == 26
+    assert len(cases) == 28
 
 
 def test_debug_shows_the_traceback(mme, tmp_path, no_model):

@@ -121,6 +121,7 @@ def test_official_layout_converts_and_loads_with_every_key(tmp_path):
         b = loaded(input_ids=ids, pixel_values=pv).logits
     torch.testing.assert_close(a, b)
     assert proc.patch_size == 16  # 8-px patches packed 2x2: (64/16)^2 = 16 image tokens per image
+    assert proc.image_processor.do_pad  # the authors' expand2square before CLIP's resize
     text = proc.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Q?"}]}],
                                     add_generation_prompt=True)
     assert text.endswith("USER: <image>\nQ? ASSISTANT:") and text.startswith("A chat between a curious human")
@@ -133,7 +134,7 @@ def test_conversion_errors_are_clear(tmp_path):
         convert(tmp_path / "plain", tmp_path / "out")
     (tmp_path / "hd").mkdir()
     (tmp_path / "hd" / "config.json").write_text(json.dumps({"scale_factor": 2, "image_aspect_ratio": "slice"}))
-    with pytest.raises(NotImplementedError, match="TokenPacker-HD"):
+    with pytest.raises(ValueError, match="TokenPacker-HD"):
         convert(tmp_path / "hd", tmp_path / "out")
 
 

@@ -253,8 +253,8 @@ def convert(src: str | Path, dst: str | Path, vision_tower: str | Path | None = 
     if "scale_factor" not in raw:
         raise ValueError(f"{src}/config.json has no 'scale_factor': not a TokenPacker checkpoint")
     if raw.get("image_aspect_ratio") == "slice" or raw.get("patch_num"):
-        raise NotImplementedError("TokenPacker-HD (image_aspect_ratio='slice', dynamic crops with ',' / '\\n' "
-                                  "separators) is not supported yet; the 336-px checkpoints are")
+        raise ValueError("TokenPacker-HD (image_aspect_ratio='slice': dynamic crops with ',' / '\\n' separators) is "
+                         "not supported yet; the 336-px checkpoints are")
     official = _load_weights(src)
     state = {new: v for k, v in official.items() if (new := _llava_key(k)) is not None}
     tower = {k.removeprefix("model.vision_tower.vision_tower."): v for k, v in official.items()
