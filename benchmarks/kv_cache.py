@@ -77,6 +77,7 @@ def toy_accuracy(rows: list[tuple[str, dict, dict]], bench: str) -> None:
     first 120 ShapesVideo test clips, 32 frames; its replies name the option's words before the letter, so the
     decode reads the cache)."""
     from vtc.cli import TEST_SEED, _cached_split
+    from vtc.eval.runner import bench_score
 
     if bench == "mme":
         from vtc.eval.mme_data import load_mme, write_shapes_mme
@@ -106,9 +107,7 @@ def toy_accuracy(rows: list[tuple[str, dict, dict]], bench: str) -> None:
         finally:
             for k, v in saved.items():
                 setattr(gen, k, v)
-        s, bits = res["scores"], res["compression"].get("kv_bits")
-        score, acc = (s["perception"], s["question_accuracy"]) if bench == "mme" else (s["accuracy"],
-                                                                                        s["accuracy"] / 100)
+        (score, acc, _), bits = bench_score(res, bench), res["compression"].get("kv_bits")
         print(f"{name:42} {score:14.1f} {100 * acc:7.1f}% {'' if bits is None else f'{bits:7.2f}'}")
 
 

@@ -56,8 +56,7 @@ def generate_and_report(model: Any, processor: Any, inputs: Any, args: Any) -> "
     st = p.stats[0]
     print(f"visual tokens: {st.tokens_before[0]} -> {st.tokens_after[0]} kept ({p.method.describe()}); "
           f"compression overhead {st.seconds * 1e3:.1f} ms; generate {dt:.2f} s")
-    if st.important_tokens and st.sequence_tokens:
-        frac = sum(v[0] for v in st.important_tokens.values()) / (len(st.important_tokens) * st.sequence_tokens[0])
-        kv = f"; KV cache {16 * st.kv_bytes[0] / st.kv_bytes[1]:.2f} bits per value" if st.kv_bytes else ""
-        print(f"important tokens per layer: {frac:.1%} of {st.sequence_tokens[0]}{kv}")
+    if st.important_fraction() is not None:
+        kv = f"; KV cache {st.kv_bits:.2f} bits per value" if st.kv_bits is not None else ""
+        print(f"important tokens per layer: {st.important_fraction():.1%} of {st.sequence_tokens[0]}{kv}")
     return p

@@ -175,7 +175,7 @@ def vtc_decisions(model, ids, pixel_values, **kw):
     p = vtc.patch(model, "aim", **kw)
     with torch.no_grad():
         model(input_ids=ids, pixel_values=pixel_values)
-    out = {i: d[0] for i, d in p.adapter.layer_pruner.memories[-1].decisions.items()}
+    out = {i: d[0] for i, d in p.adapter.layer_pruner.memory.entries[-1].decisions.items()}
     vtc.unpatch(model)
     return out
 

@@ -127,7 +127,7 @@ def test_removal_equals_masking(llava4, kw):
     p = vtc.patch(m, "aim", **kw)
     with torch.no_grad():
         logits = m(**batch).logits[:, -1]
-    decisions = dict(p.adapter.layer_pruner.memories[-1].decisions)
+    decisions = dict(p.adapter.layer_pruner.memory.entries[-1].decisions)
     vtc.unpatch(m)
     ref = _masking_reference(m, batch, decisions)
     torch.testing.assert_close(logits, ref, atol=1e-5, rtol=1e-5)

@@ -256,14 +256,12 @@ def _user_input(what: str) -> Iterator[None]:
 
 def _check_methods(args) -> None:
     """Every (method, budget) the command will run, validated like vtc.patch, before anything loads."""
-    from .eval.runner import own_budget, parse_method_spec, resolve_method
+    from .eval.runner import parse_method_spec, resolve_method, sweep_plan
 
     if args.bench == "sweep":
-        for m in args.methods:
-            name, hyper = parse_method_spec(m)
-            for r in ([None] if own_budget(name) else args.ratios):
-                if r is None or r < 1.0:
-                    resolve_method(name, r, None, hyper)
+        for _, name, hyper, r in sweep_plan(args.methods, args.ratios):
+            if r is None or r < 1.0:  # ratio 1.0 is the unpatched run
+                resolve_method(name, r, None, hyper)
         return
     args.method, args.hyperparameters = parse_method_spec(args.method) if args.method else (None, {})
     resolve_method(args.method, args.ratio, args.tokens, args.hyperparameters)

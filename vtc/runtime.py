@@ -38,6 +38,18 @@ class CallStats:
     #: (bytes the compressed KV cache holds after the prefill, bytes of the same tokens in a plain fp16 cache)
     kv_bytes: tuple[int, int] | None = None
 
+    def important_fraction(self, row: int = 0) -> float | None:
+        """Share of the row's LLM-input tokens the ``attention`` site found important, averaged over layers."""
+        if not self.important_tokens or len(self.sequence_tokens) <= row or not self.sequence_tokens[row]:
+            return None
+        counts = [v[row] for v in self.important_tokens.values()]
+        return sum(counts) / (len(counts) * self.sequence_tokens[row])
+
+    @property
+    def kv_bits(self) -> float | None:
+        """Bits per cached value the compressed KV cache held after the prefill (statistics included; fp16 = 16)."""
+        return 16 * self.kv_bytes[0] / self.kv_bytes[1] if self.kv_bytes is not None and self.kv_bytes[1] else None
+
     @property
     def kept_fraction(self) -> float:
         before = sum(self.tokens_before)

@@ -34,8 +34,8 @@ from ..hook_owner import HookOwner
 from ..runtime import Runtime
 from ..sites import AttentionInput
 from .hf import cache_keyword, cache_of, module_function, seq_length
-from .llm_input import LLMInputPruner
-from .llm_layers import MEMORIES, _Memory, extended_memory
+from .llm_input import LLMInputPruner, additive_mask, allowed_from_mask
+from .prefill_memory import PrefillMemory
 
 #: the attention implementation name vtc registers in transformers' AttentionInterface
 IMPLEMENTATION = "vtc"
@@ -89,7 +89,7 @@ class LLMAttention(HookOwner):
                              "(load the model with attn_implementation='sdpa')")
         self.impl = impl
         self.ctx: _Call | None = None
-        self.memories: list[_Memory] = []
+        self.memory = PrefillMemory()
         self.eager = module_function(self.layers[0].self_attn, "eager_attention_forward")
 
     def install(self, add: Callable[[Any], None], set_attr: Callable[[Any, str, Any], None]) -> None:
@@ -131,14 +131,10 @@ class LLMAttention(HookOwner):
         last = (valid.long() * torch.arange(length, device=dev)).argmax(-1)
         always[torch.arange(b, device=dev), last] = True
         ctx = _Call("prefill", valid=valid, always=always)
-        mem = extended_memory(self.memories, embeds)
-        if mem is not None:
-            n = mem.prefix.shape[1]
-            ones = torch.ones(b, length - n, dtype=torch.bool, device=dev)
-            ctx.frozen = {i: torch.cat([d, ones], 1) for i, d in mem.decisions.items()}
+        frozen, n = self.memory.recall(embeds, ctx.decisions)
+        if frozen:
+            ctx.frozen = frozen
             ctx.extension = torch.arange(length, device=dev).expand(b, length) >= n
-        else:
-            self.memories = self.memories[-(MEMORIES - 1):] + [_Memory(embeds.detach().clone(), ctx.decisions)]
         self.ctx = ctx
         if self.policy is None:
             return None
@@ -233,10 +229,7 @@ class LLMAttention(HookOwner):
         return self._format(torch.ones(n, n, dtype=torch.bool, device=like.device).tril()[None, None], like.dtype)
 
     def _format(self, allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        if self.impl == "sdpa":
-            return allowed
-        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
-            ~allowed, torch.finfo(dtype).min)
+        return allowed if self.impl == "sdpa" else additive_mask(allowed, dtype)
 
     def _decode(self, i: int, module: nn.Module, q, k, v, mask, cache_layer, kwargs):
         fn = self.original()
@@ -250,8 +243,7 @@ class LLMAttention(HookOwner):
             qpos = torch.arange(logical - nq, logical, device=pos.device)
             allowed = (pos[:, None, :] <= qpos[None, :, None]) & (pos >= 0)[:, None, :]  # (B, Q, S)
         else:
-            ok = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
-            ok = ok[:, 0].expand(b, nq, ok.shape[-1])
+            ok = allowed_from_mask(mask)[:, 0].expand(b, nq, mask.shape[-1])
             allowed = ok.gather(2, pos.clamp(min=0)[:, None, :].expand(b, nq, pos.shape[1])) & (pos >= 0)[:, None]
         attn_mask = mask if identity else self._format(allowed[:, None], q.dtype)
         out, weights = fn(module, q, k, v, attn_mask, **kwargs)

@@ -228,6 +228,17 @@ def gather_positions(pos: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     raise ValueError(f"unsupported position_ids shape {tuple(pos.shape)}")
 
 
+def allowed_from_mask(mask: torch.Tensor) -> torch.Tensor:
+    """A 4-D attention mask as transformers builds it -> bool, True where attention is allowed (sdpa masks are
+    bool already; eager masks are additive, the dtype's minimum where masked)."""
+    return mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
+
+
+def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The eager form of a bool mask: 0 where allowed, the dtype's minimum where not."""
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
+
+
 def check_mask_length(kwargs: dict[str, Any], past: int) -> None:
     """Refuse a 2-D attention mask longer than the keys the model will attend to: transformers silently reads only
     its first columns, which is wrong for any row whose cache vtc shortened. Happens when vtc cannot find the

@@ -27,7 +27,8 @@ from ..runtime import Runtime
 from ..sites import LLMLayerInput
 from .hf import cache_of, module_function, output_cache, seq_length
 from ..hook_owner import HookOwner
-from .llm_input import REUSED_CACHE, LLMInputPruner, gather_positions
+from .llm_input import REUSED_CACHE, LLMInputPruner, additive_mask, allowed_from_mask, gather_positions
+from .prefill_memory import PrefillMemory
 
 
 @dataclass
@@ -48,25 +49,6 @@ class _Prefill:
     captured: dict[str, Any] = field(default_factory=dict)
 
 
-@dataclass
-class _Memory:
-    """Decisions of the last prefill, to reuse when the next prefill extends it (uncached generation)."""
-
-    prefix: torch.Tensor
-    decisions: dict[int, torch.Tensor]
-
-
-#: prefills whose decisions are remembered for uncached generation (one per concurrent generate call)
-MEMORIES = 8
-
-
-def extended_memory(memories: list[_Memory], embeds: torch.Tensor) -> _Memory | None:
-    """The newest remembered prefill that ``embeds`` (B, L, D) extends (same rows, a strict prefix), if any."""
-    b, length = embeds.shape[:2]
-    return next((m for m in reversed(memories) if m.prefix.shape[0] == b and m.prefix.shape[1] < length
-                 and torch.equal(m.prefix, embeds[:, : m.prefix.shape[1]])), None)
-
-
 class LLMLayerPruner(HookOwner):
     def __init__(self, lm: nn.Module, runtime: Runtime, inputs: LLMInputPruner):
         self.lm = lm
@@ -81,8 +63,8 @@ class LLMLayerPruner(HookOwner):
             raise ValueError(f"in-LLM pruning supports sdpa and eager attention; this LM uses {impl!r}")
         self.impl = impl
         self.ctx: _Prefill | None = None
-        #: decisions of recent prefills, newest last (a few, so interleaved uncached generations each find theirs)
-        self.memories: list[_Memory] = []
+        #: decisions of recent prefills (a few, so interleaved uncached generations each find theirs)
+        self.memory = PrefillMemory()
         self._decode: "weakref.WeakKeyDictionary[Any, dict[int, tuple[torch.Tensor, torch.Tensor, int]]]" = (
             weakref.WeakKeyDictionary())
         attn = self.layers[0].self_attn
@@ -121,13 +103,8 @@ class LLMLayerPruner(HookOwner):
         visual = self.inputs.prefill_visual.to(embeds.device)
         idx = torch.arange(lk, device=embeds.device).expand(b, lk)
         self.ctx = _Prefill(idx, valid, visual & valid, (visual & valid).sum(-1), key_ok=valid)
-        mem = extended_memory(self.memories, embeds)
-        if mem is not None:
-            extra = lk - mem.prefix.shape[1]
-            ones = torch.ones(b, extra, dtype=torch.bool, device=embeds.device)
-            self.ctx.frozen = {i: torch.cat([d, ones], 1) for i, d in mem.decisions.items()}
-        else:
-            self.memories = self.memories[-(MEMORIES - 1):] + [_Memory(embeds.detach().clone(), self.ctx.decisions)]
+        frozen, _ = self.memory.recall(embeds, self.ctx.decisions)
+        self.ctx.frozen = frozen or None
         return None
 
     def _lm_post(self, module: nn.Module, args: tuple, output: Any):
@@ -172,18 +149,14 @@ class LLMLayerPruner(HookOwner):
             allowed = mask[:, 0].expand(b, lk, lk)
             ctx.mask_kind = "bool"
         else:
-            allowed = (mask[:, 0] > torch.finfo(mask.dtype).min / 2).expand(b, lk, lk)
+            allowed = allowed_from_mask(mask)[:, 0].expand(b, lk, lk)
             ctx.mask_kind = "float"
         ctx.allowed_in = allowed
         ctx.cos_sin = kwargs.get("position_embeddings")
         ctx.position_ids = kwargs.get("position_ids")
 
     def _format_mask(self, allowed: torch.Tensor, dtype: torch.dtype, kind: str) -> torch.Tensor:
-        m = allowed[:, None]
-        if kind == "bool":
-            return m
-        out = torch.zeros(m.shape, dtype=dtype, device=m.device)
-        return out.masked_fill(~m, torch.finfo(dtype).min)
+        return allowed[:, None] if kind == "bool" else additive_mask(allowed[:, None], dtype)
 
     def _current_allowed(self, ctx: _Prefill) -> torch.Tensor:
         ix = ctx.index

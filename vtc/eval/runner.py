@@ -49,6 +49,24 @@ def own_budget(method: str) -> bool:
     return cls is not None and cls.budget_rule == "own"
 
 
+def sweep_plan(methods: Sequence[str], ratios: Sequence[float]) -> list[tuple[str, str, dict[str, Any], float | None]]:
+    """(spec, name, hyperparameters, ratio) of every run a sweep makes: each method spec at every ratio, or once
+    (ratio None) for a method that sets its own budget."""
+    plan = []
+    for spec in methods:
+        name, hyper = parse_method_spec(spec)
+        plan += [(spec, name, hyper, r) for r in ([None] if own_budget(name) else ratios)]
+    return plan
+
+
+def bench_score(res: dict, bench: str) -> tuple[float, float, dict[str, float]]:
+    """(headline score, question accuracy in [0, 1], per-category scores) of an MME or Video-MME result."""
+    s = res["scores"]
+    if bench == "mme":
+        return s["perception"], s["question_accuracy"], {c: v["score"] for c, v in s["categories"].items()}
+    return s["accuracy"], s["accuracy"] / 100, s["by_task_type"]
+
+
 def resolve_method(method: str | None, ratio: float | None, tokens: int | None, hyperparameters: dict):
     """The validated method of a run (None: the unpatched model); a budget without a method is an error."""
     if method is None:
@@ -167,11 +185,9 @@ def _row_compression(model: Any, prefill: Any, n_rows: int) -> list[dict]:
         if t0 and n_layers:
             per_layer = [prefill.layer_tokens.get(j, [t1] * (b + 1))[b] for j in range(n_layers)]
             row["llm_visual_fraction"] = sum(per_layer) / (n_layers * t0)
-        if prefill.important_tokens and len(prefill.sequence_tokens) == n_rows and prefill.sequence_tokens[b]:
-            imp = [v[b] for v in prefill.important_tokens.values()]
-            row["important_fraction"] = sum(imp) / (len(imp) * prefill.sequence_tokens[b])
-        if prefill.kv_bytes is not None and prefill.kv_bytes[1]:
-            row["kv_bits"] = 16 * prefill.kv_bytes[0] / prefill.kv_bytes[1]
+        for key, value in (("important_fraction", prefill.important_fraction(b)), ("kv_bits", prefill.kv_bits)):
+            if value is not None:
+                row[key] = value
         rows.append(row)
     return rows
 
@@ -180,16 +196,16 @@ def compression_summary(preds: list[dict], stats: list, method: str | None, t_ge
     """Mean visual tokens before/after and LLM-visual-token fraction over the predictions (resumed ones
     included), and this run's compression and generation seconds."""
     tokens = [p["visual_tokens"] for p in preds if "visual_tokens" in p]
-    fractions = [p["llm_visual_fraction"] for p in preds if "llm_visual_fraction" in p]
 
     def mean(key: str) -> float | None:
         vals = [p[key] for p in preds if key in p]
         return sum(vals) / len(vals) if vals else None
 
+    fraction = mean("llm_visual_fraction")
     return {
         "visual_tokens_before": sum(t[0] for t in tokens) / len(tokens) if tokens else None,
         "visual_tokens_after": sum(t[1] for t in tokens) / len(tokens) if tokens else None,
-        "llm_visual_fraction": sum(fractions) / len(fractions) if fractions else (None if method else 1.0),
+        "llm_visual_fraction": fraction if fraction is not None else (None if method else 1.0),
         "important_fraction": mean("important_fraction"),  # attention-site methods: tokens found important
         "kv_bits": mean("kv_bits"),  # bits per cached value after the prefill (statistics included; fp16 = 16)
         "compress_seconds_this_run": sum(s.seconds for s in stats),
@@ -272,32 +288,24 @@ def sweep(
     rows = []
     base = evaluate(model, processor, records, out / "none_1.0", batch_size=batch_size, progress=progress,
                     config=config, **eval_kwargs)
-    for m in methods:
-        name, hyper = parse_method_spec(m)
-        folder = m.replace(":", "_").replace("+", "_")
-        for r in ([None] if own_budget(name) else ratios):  # an own-budget method (zipvl: tau) runs once
-            res = base if r is not None and r >= 1.0 else evaluate(
-                model, processor, records, out / (folder if r is None else f"{folder}_{r}"), method=name, ratio=r,
-                batch_size=batch_size, progress=progress, config=config, **eval_kwargs, **hyper)
-            if not res:  # another process of a multi-process run: the main process scores and writes
-                continue
-            s = res["scores"]
-            if bench == "mme":
-                cats = {c: v["score"] for c, v in s["categories"].items()}
-                score, acc = s["perception"], s["question_accuracy"]
-            else:
-                score, acc, cats = s["accuracy"], s["accuracy"] / 100, s["by_task_type"]
-            rows.append({"method": m, "ratio": r, "score": score, "accuracy": acc,
-                         "tokens": res["compression"]["visual_tokens_after"],
-                         "llm_fraction": res["compression"]["llm_visual_fraction"] or 1.0, "categories": cats,
-                         **{k: res["compression"].get(k) for k in ("important_fraction", "kv_bits")
-                            if res["compression"].get(k) is not None}})
+    for spec, name, hyper, r in sweep_plan(methods, ratios):  # an own-budget method (zipvl: tau) runs once
+        folder = spec.replace(":", "_").replace("+", "_")
+        res = base if r is not None and r >= 1.0 else evaluate(
+            model, processor, records, out / (folder if r is None else f"{folder}_{r}"), method=name, ratio=r,
+            batch_size=batch_size, progress=progress, config=config, **eval_kwargs, **hyper)
+        if not res:  # another process of a multi-process run: the main process scores and writes
+            continue
+        score, acc, cats = bench_score(res, bench)
+        rows.append({"method": spec, "ratio": r, "score": score, "accuracy": acc,
+                     "tokens": res["compression"]["visual_tokens_after"],
+                     "llm_fraction": res["compression"]["llm_visual_fraction"] or 1.0, "categories": cats,
+                     **{k: res["compression"].get(k) for k in ("important_fraction", "kv_bits")
+                        if res["compression"].get(k) is not None}})
     if not is_main_process():
         return []
     if any(r["ratio"] is None for r in rows):  # the unpatched reference of the own-budget table
-        s = base["scores"]
-        rows.insert(0, {"method": "none", "ratio": None, "score": s["perception"] if bench == "mme" else s["accuracy"],
-                        "accuracy": s["question_accuracy"] if bench == "mme" else s["accuracy"] / 100,
+        score, acc, _ = bench_score(base, bench)
+        rows.insert(0, {"method": "none", "ratio": None, "score": score, "accuracy": acc,
                         "important_fraction": 1.0, "kv_bits": 16.0})
     (out / "sweep.json").write_text(json.dumps(rows, indent=1))
     (out / "table.md").write_text(sweep_table(rows))

@@ -123,8 +123,7 @@ def tokenpacker_config(llava_config: Any, scale_factor: int = 2, key_layers: tup
 
 def from_pretrained(path: str | Path, device: str = "cpu", dtype: torch.dtype | None = None, attn: str = "sdpa"):
     """A TokenPacker LLaVA folder (written by :func:`convert` or ``save_pretrained``) -> (model, processor)."""
-    from safetensors.torch import load_file
-    from transformers import AutoProcessor, LlavaConfig, LlavaForConditionalGeneration
+    from transformers import AutoProcessor, LlavaConfig
 
     path = Path(path)
     if not (path / "config.json").exists():
@@ -133,24 +132,8 @@ def from_pretrained(path: str | Path, device: str = "cpu", dtype: torch.dtype | 
     if not getattr(config, CONFIG_KEY, None):
         raise ValueError(f"{path} is not a TokenPacker LLaVA (its config has no {CONFIG_KEY!r} entry)")
     config._attn_implementation = attn
-    with torch.device("meta"):
-        model = LlavaForConditionalGeneration(config)
-        install(model)
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"no *.safetensors weights in {path}")
-    state: dict[str, torch.Tensor] = {}
-    for f in files:
-        state.update(load_file(f))
-    state = {_hf_key(k): v for k, v in state.items()}
-    tied = getattr(config, "tie_word_embeddings", False) or getattr(config.text_config, "tie_word_embeddings", False)
-    if tied and "lm_head.weight" not in state:
-        state["lm_head.weight"] = state["model.language_model.embed_tokens.weight"]
-    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
-    if missing or unexpected:
-        raise ValueError(f"{path}: weights do not match a TokenPacker LLaVA: missing {missing[:5]}, "
-                         f"unexpected {unexpected[:5]}")
-    _rebuild_buffers(model)
+    model = _empty_model(config)
+    _load_weights_into(model, {_hf_key(k): v for k, v in _load_weights(path).items()}, path)
     model = model.to(device=device, dtype=dtype or torch.float32).eval()
     processor = AutoProcessor.from_pretrained(path, local_files_only=True)
     return model, processor
@@ -164,6 +147,30 @@ def _hf_key(key: str) -> str:
         if key.startswith(old):
             return new + key[len(old):]
     return key
+
+
+def _empty_model(config: Any) -> nn.Module:
+    """A TokenPacker LLaVA of ``config`` on the meta device (no memory, no random init): weights come next."""
+    from transformers import LlavaForConditionalGeneration
+
+    with torch.device("meta"):
+        model = LlavaForConditionalGeneration(config)
+        install(model)
+    return model
+
+
+def _load_weights_into(model: nn.Module, state: dict[str, torch.Tensor], where: Path) -> None:
+    """Assign ``state`` to ``model``'s parameters; every key must match (a tied ``lm_head`` may be absent), else a
+    clear error naming ``where``; then rebuild the non-persistent buffers."""
+    cfg = model.config
+    tied = getattr(cfg, "tie_word_embeddings", False) or getattr(cfg.text_config, "tie_word_embeddings", False)
+    if tied and "lm_head.weight" not in state:
+        state = dict(state, **{"lm_head.weight": state["model.language_model.embed_tokens.weight"]})
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    if missing or unexpected:
+        raise ValueError(f"{where}: weights do not match a TokenPacker LLaVA: missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]}")
+    _rebuild_buffers(model)
 
 
 def _rebuild_buffers(model: nn.Module) -> None:
@@ -245,8 +252,8 @@ def convert(src: str | Path, dst: str | Path, vision_tower: str | Path | None = 
     pad-to-square preprocessing) from a LLaVA-format TokenPacker checkpoint (``sunshine-lwt/TokenPacker-7b-144token``
     layout: ``model.mm_projector.*``, a Vicuna LM). ``vision_tower``: a local CLIP-L/336 folder, needed when the
     checkpoint does not hold the tower (LLaVA-format checkpoints load it from ``mm_vision_tower``)."""
-    from transformers import (AutoTokenizer, CLIPVisionConfig, LlamaConfig, LlavaConfig,
-                              LlavaForConditionalGeneration, LlavaImageProcessor, LlavaProcessor)
+    from transformers import (AutoTokenizer, CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaImageProcessor,
+                              LlavaProcessor)
 
     src, dst = Path(src), Path(dst)
     raw = json.loads((src / "config.json").read_text())
@@ -281,17 +288,10 @@ def convert(src: str | Path, dst: str | Path, vision_tower: str | Path | None = 
                       image_token_id=tok.convert_tokens_to_ids("<image>"), projector_hidden_act="gelu")
     tokenpacker_config(cfg, int(raw["scale_factor"]), KEY_LAYERS, num_heads=vision_cfg.hidden_size // 128)
     cfg.pad_token_id = tok.pad_token_id
-    with torch.device("meta"):
-        model = LlavaForConditionalGeneration(cfg)
-        install(model)
+    model = _empty_model(cfg)
     target = set(model.state_dict())
     state.update({new: v for k, v in tower.items() if (new := _tower_key(k, target)) is not None})
-    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
-    missing = [k for k in missing if not (k == "lm_head.weight" and text_cfg.tie_word_embeddings)]
-    if missing or unexpected:
-        raise ValueError(f"{src}: weights do not match a TokenPacker LLaVA: missing {missing[:5]}, "
-                         f"unexpected {unexpected[:5]}")
-    _rebuild_buffers(model)
+    _load_weights_into(model, state, src)
     dst.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(dst)
     pre = Path(vision_tower or src) / "preprocessor_config.json"
