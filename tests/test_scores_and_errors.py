@@ -64,7 +64,8 @@ def test_error_budget_both_or_neither(make_llava):
 
 
 def test_error_unknown_method_lists_available(make_llava):
-    want = "unknown method 'visionzip'; available methods: aim, cls, fastv, globalcom2, pool, random, uniform"
+    want = ("unknown method 'visionzip'; available methods: aim, cls, fastv, globalcom2, hack, kv_random, pool, "
+            "random, snapkv, streaming, uniform, zipvl")
     with pytest.raises(ValueError, match=want):
         vtc.patch(make_llava(), "visionzip", ratio=0.5)
 

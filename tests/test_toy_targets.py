@@ -168,7 +168,7 @@ def test_resume_and_init_together_is_a_clear_error(tmp_path, monkeypatch):
 
 
 def test_lr_schedule_follows_the_clock_not_a_step_estimate():
-    from vtc.zoo.train_toy import _lr
+    from vtc.zoo.training import lr_at as _lr
 
     assert _lr(0, 0.0, 1.0) == pytest.approx(0.01) and _lr(99, 0.0, 1.0) == pytest.approx(1.0)  # warm-up
     assert _lr(5000, 0.0, 1.0) == pytest.approx(1.0)  # many fast steps early in the budget: still full lr

@@ -7,6 +7,7 @@
 from .api import Patch, build_method, get_patch, patch, patched, unpatch
 from .registry import available_methods, register_method
 from .runtime import CallStats
+from . import hack  # noqa: E402,F401  (vtc.hack.calibrate)
 
 __version__ = "0.1.0"
 __all__ = ["patch", "unpatch", "patched", "get_patch", "build_method", "available_methods", "register_method", "Patch", "CallStats"]

@@ -215,6 +215,25 @@ def main(argv: list[str] | None = None) -> int:
     sw.add_argument("--methods", type=_methods, default="cls,random,uniform,pool,fastv,aim",
                     help="comma-separated, each name[:key=value+...]; methods with their own budget (zipvl) run once")
     sw.add_argument("--ratios", type=_ratios, default="1.0,0.5,0.25,0.11", help="comma-separated, each in (0, 1]")
+    va = ev.add_parser("var", help="class-conditional generation (VAR): judge class accuracy and FID on the judge's "
+                       "features, per method and ratio")
+    va.add_argument("--model", help="a VAR folder (vtc.models.var.save_folder layout, with the judge's "
+                    "classifier.safetensors); default: the bundled toy VAR")
+    va.add_argument("--methods", type=_methods, default="none",
+                    help="comma-separated: none (uncompressed) and/or generation KV methods, each name[:key=value+...]")
+    va.add_argument("--ratios", type=_ratios, default="0.5", help="fractions of the KV cache kept, comma-separated")
+    va.add_argument("--per-class", type=_positive_int, default=20, help="images generated per class")
+    va.add_argument("--batch-size", type=_positive_int, default=32)
+    va.add_argument("--cfg", type=float, default=1.5)
+    va.add_argument("--top-k", type=_nonnegative_int, default=900)
+    va.add_argument("--top-p", type=float, default=0.96)
+    va.add_argument("--seed", type=int, default=0, help="batch j is generated with seed + j")
+    va.add_argument("--device", default="cpu")
+    va.add_argument("--out", help="output folder: one sub-folder per run (resumable) and table.md, var.json, "
+                    "var.png (accuracy) and var_fid.png (FID) against the fraction of the cache kept")
+    va.add_argument("--overwrite", action="store_true", help="discard what --out holds and start again")
+    va.add_argument("--quiet", action="store_true")
+    va.add_argument("--debug", action="store_true", help="show tracebacks of user errors")
     conv = sub.add_parser("convert", help="convert released checkpoints to transformers folders").add_subparsers(
         dest="what", required=True)
     tp = conv.add_parser("tokenpacker", help="a LLaVA-format TokenPacker checkpoint -> a folder vtc.models."
@@ -287,6 +306,8 @@ def _run(args) -> int:
                 from .eval.mme_data import write_shapes_mme
                 print(write_shapes_mme(args.out, args.seed, args.per_category, canvas=args.canvas))
         return 0
+    if args.bench == "var":
+        return _eval_var(args)
     from .eval.runner import evaluate_mme, sweep
 
     if args.bench != "sweep" and args.method is None and (args.ratio is not None or args.tokens is not None):
@@ -343,6 +364,57 @@ def _run(args) -> int:
     print(f"model: {label}")
     print((Path(out) / "table.md").read_text())
     print(f"plot: {Path(out) / 'sweep.png'}")
+    return 0
+
+
+def _eval_var(args) -> int:
+    """``vtc eval var``: every (method, ratio) run, then a table and a plot of accuracy / FID vs cache kept."""
+    from .eval.runner import parse_method_spec, plot_sweep, resolve_method
+    from .eval.var_eval import evaluate_var, var_table
+    from .zoo.models import TOY_VAR, load_judge, load_var
+
+    plan = []
+    with _user_input("settings"):
+        for spec in args.methods:
+            if spec == "none":
+                plan.append((spec, None, {}, None))
+                continue
+            name, hyper = parse_method_spec(spec)
+            for r in args.ratios:
+                resolve_method(name, r, None, hyper)
+                plan.append((spec, name, hyper, r))
+    folder = Path(args.model) if args.model else TOY_VAR
+    with _user_input(f"model {folder}"):
+        vae, var = load_var(folder, args.device)
+        judge = load_judge(folder, args.device)
+    with _user_input("settings"):
+        if var.num_classes != judge.config["num_classes"]:
+            raise ValueError(f"the judge knows {judge.config['num_classes']} classes, the VAR {var.num_classes}")
+    out = Path(args.out or "runs/var")
+    rows = []
+    for spec, name, hyper, r in plan:
+        if name == "hack":  # measured once per model and output folder, unless calibration= is given
+            from .hack import with_calibration
+
+            hyper = with_calibration(var, hyper, out / "hack_calibration.json", cfg=args.cfg, top_k=args.top_k,
+                                     top_p=args.top_p)
+        sub = out / (spec.replace(":", "_").replace("+", "_").replace("=", "-") + ("" if r is None else f"-r{r:g}"))
+        res = evaluate_var(var, judge, sub, per_class=args.per_class, batch=args.batch_size, cfg=args.cfg,
+                           top_k=args.top_k, top_p=args.top_p, seed=args.seed, method=name, ratio=r,
+                           hyperparameters=hyper, progress=not args.quiet, overwrite=args.overwrite,
+                           config={"model": str(folder)})
+        rows.append({"method": spec if name else "uncompressed", "ratio": 1.0 if r is None else r,
+                     "accuracy": res["accuracy"], "fid": res["fid"], "kv_fraction": res["kv_fraction"],
+                     "fid_real_reference": res["fid_real_reference"], "seconds_per_batch": res["seconds_per_batch"]})
+    table = var_table(rows)
+    (out / "table.md").write_text(table)
+    (out / "var.json").write_text(json.dumps(rows, indent=1))
+    if len(rows) > 1:
+        for key, png, label in (("accuracy", "var.png", "judge class accuracy"),
+                                ("fid", "var_fid.png", "FID on the judge's features (lower is better)")):
+            plot_sweep(rows, out / png, label, key=key, xlabel="fraction of the KV cache kept (ratio)")
+    print(f"model: {folder}")
+    print(table)
     return 0
 
 

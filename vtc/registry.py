@@ -1,7 +1,8 @@
 """Method names -> method classes."""
 from __future__ import annotations
 
-from .methods import AIM, ClsPruning, FastV, GlobalCom2, Method, PoolCompression, RandomPruning, UniformPruning, ZipVL
+from .methods import (AIM, HACK, ClsPruning, FastV, GlobalCom2, Method, PoolCompression, RandomKV, RandomPruning,
+                      SnapKV, StreamingKV, UniformPruning, ZipVL)
 
 METHODS: dict[str, type[Method]] = {
     "cls": ClsPruning,
@@ -12,6 +13,10 @@ METHODS: dict[str, type[Method]] = {
     "aim": AIM,
     "globalcom2": GlobalCom2,
     "zipvl": ZipVL,
+    "snapkv": SnapKV,
+    "streaming": StreamingKV,
+    "kv_random": RandomKV,
+    "hack": HACK,
 }
 
 

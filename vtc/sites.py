@@ -151,3 +151,64 @@ class AttentionInput:
     always: torch.Tensor
     query_pos: torch.Tensor
     phase: str = "prefill"
+
+
+@dataclass(frozen=True)
+class GenerationInfo:
+    """What a method may know about a scale-wise image generator (VAR), filled in by its adapter; the ``generation_kv``
+    site's counterpart of :class:`VisionInfo` (``has_cls`` is False: methods that need a vision tower refuse it)."""
+
+    family: str
+    num_layers: int
+    num_heads: int
+    head_dim: int
+    scale_sizes: tuple[int, ...]  # tokens of each scale, in generation order (VAR: pn * pn)
+    model_id: str = ""  # the model's shape, e.g. "var-d16-pn1_2_3_4_5_6_8_10_13_16" (calibration files check it)
+    has_cls: bool = False
+
+
+@dataclass
+class GenerationKVInput:
+    """What a method sees at the ``generation_kv`` site: one layer's cache for one group of heads, right after the
+    current scale's keys were appended and before that scale's attention runs.
+
+    heads: (Hg,) head indices of the group; q: (R, Hg, l, d) the current scale's queries (R = rows: both CFG halves);
+    k, v: (R, Hg, T, d) what the group holds, current scale included; pos: (R, Hg, T) sequence position of each key;
+    key_scale: (R, Hg, T) the scale each key came from; scale_index: the current scale; scale_sizes: tokens per
+    scale; attn_scale: the softmax scale of q @ k^T; cfg_rows: rows per CFG half (R // 2 with guidance, else R);
+    layer_groups: every group of this layer as (heads, keys held) once the current scale is appended, before any
+    group of the layer is reduced at this scale.
+    """
+
+    layer: int
+    num_layers: int
+    heads: torch.Tensor
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    pos: torch.Tensor
+    key_scale: torch.Tensor
+    scale_index: int
+    scale_sizes: tuple[int, ...]
+    attn_scale: float
+    cfg_rows: int
+    layer_groups: tuple[tuple[torch.Tensor, int], ...] = ()
+
+    @property
+    def final(self) -> bool:
+        return self.scale_index == len(self.scale_sizes) - 1
+
+    @property
+    def full_length(self) -> int:
+        """Keys an uncompressed cache would hold now (every scale so far, the current one included)."""
+        return sum(self.scale_sizes[: self.scale_index + 1])
+
+
+@dataclass
+class KVSelection:
+    """Result at the ``generation_kv`` site: index (R, Hg, K) ascending positions into the group's T keys to keep
+    (the same K for every row and head of the group); k / v: optional (R, Hg, K, d) replacements (soft merging)."""
+
+    index: torch.Tensor
+    k: torch.Tensor | None = None
+    v: torch.Tensor | None = None

@@ -97,3 +97,29 @@ def merge_to(metric: torch.Tensor, x: torch.Tensor, k: int, mode: str = "mean",
         metric, x, size, slot = bipartite_merge(metric, x, r, size, slot, mode, order)
     _, x, size, slot = _by_slot(metric, x, size, slot)
     return x, size, slot
+
+
+def merge_into_kept(k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """LOOK-M-style averaged merging: each evicted key (and its value) joins the kept key it is most similar to
+    (cosine of keys); every kept key/value becomes the mean of itself and the ones that joined it.
+
+    k, v: (..., T, d); keep: (..., K) indices of kept keys. Returns the merged (..., K, d) keys and values."""
+    d, dv = k.shape[-1], v.shape[-1]
+    kept_k = k.gather(-2, keep[..., None].expand(*keep.shape, d))
+    kept_v = v.gather(-2, keep[..., None].expand(*keep.shape, dv))
+    evicted = torch.ones(k.shape[:-1], dtype=torch.bool, device=k.device).scatter(-1, keep, False)
+    unit = torch.nn.functional.normalize
+    sim = unit(k.float(), dim=-1) @ unit(kept_k.float(), dim=-1).transpose(-1, -2)
+    target = sim.argmax(-1)  # (..., T): the kept slot each key is closest to
+    target = torch.where(evicted, target, torch.full_like(target, keep.shape[-1]))  # kept keys: a dummy slot
+    K = keep.shape[-1]
+    sums_k = torch.zeros(*keep.shape[:-1], K + 1, d, dtype=torch.float32, device=k.device)
+    sums_v = torch.zeros(*keep.shape[:-1], K + 1, dv, dtype=torch.float32, device=k.device)
+    count = torch.zeros(*keep.shape[:-1], K + 1, device=k.device)
+    sums_k.scatter_add_(-2, target[..., None].expand(*target.shape, d), k.float())
+    sums_v.scatter_add_(-2, target[..., None].expand(*target.shape, dv), v.float())
+    count.scatter_add_(-1, target, torch.ones_like(target, dtype=torch.float32))
+    n = (count[..., :K] + 1)[..., None]
+    out_k = (kept_k.float() + sums_k[..., :K, :]) / n
+    out_v = (kept_v.float() + sums_v[..., :K, :]) / n
+    return out_k.to(k.dtype), out_v.to(v.dtype)

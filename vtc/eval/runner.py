@@ -353,7 +353,8 @@ def _own_budget_table(own: list[dict]) -> str:
     return body
 
 
-def plot_sweep(rows: list[dict], path: str | Path, ylabel: str, key: str = "score", x: str = "ratio") -> None:
+def plot_sweep(rows: list[dict], path: str | Path, ylabel: str, key: str = "score", x: str = "ratio",
+               xlabel: str | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -368,8 +369,8 @@ def plot_sweep(rows: list[dict], path: str | Path, ylabel: str, key: str = "scor
         ticks = sorted({r["ratio"] for r in rows})
         ax.set_xticks(ticks)
         ax.set_xticklabels([f"{t:g}" for t in ticks])
-    ax.set_xlabel("fraction of visual tokens kept" if x == "ratio" else
-                  "visual tokens per LLM layer / uncompressed (FLOPs proxy)")
+    ax.set_xlabel(xlabel or ("fraction of visual tokens kept" if x == "ratio" else
+                             "visual tokens per LLM layer / uncompressed (FLOPs proxy)"))
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     ax.legend()

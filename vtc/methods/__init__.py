@@ -7,9 +7,11 @@ from .compose import Compose
 from .fastv import FastV
 from .globalcom2 import GlobalCom2
 from .zipvl import ZipVL
+from .generation_kv import GenerationKVMethod, RandomKV, SnapKV, StreamingKV
+from .hack import HACK
 
 __all__ = [
     "Method", "ScoreRequest", "Selection", "VisionInfo", "VisualInput",
     "ClsPruning", "RandomPruning", "UniformPruning", "PoolCompression", "AIM", "FastV", "Compose", "GlobalCom2",
-    "ZipVL",
+    "ZipVL", "GenerationKVMethod", "SnapKV", "StreamingKV", "RandomKV", "HACK",
 ]

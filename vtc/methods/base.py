@@ -11,11 +11,11 @@ from typing import ClassVar
 import torch
 
 from ..core.select import budget as resolve_budget
-from ..sites import (AttentionInput, KVPolicy, LLMLayerInput, QueryKind, ScoreKind, ScoreRequest, Selection, VisionInfo,
-                     VisualInput)
+from ..sites import (AttentionInput, GenerationInfo, GenerationKVInput, KVPolicy, KVSelection, LLMLayerInput, QueryKind,
+                     ScoreKind, ScoreRequest, Selection, VisionInfo, VisualInput)
 
 __all__ = ["Method", "ScoreKind", "ScoreRequest", "Selection", "VisionInfo", "VisualInput", "LLMLayerInput",
-           "QueryKind", "AttentionInput", "KVPolicy"]
+           "QueryKind", "AttentionInput", "KVPolicy", "GenerationInfo", "GenerationKVInput", "KVSelection"]
 
 class Method:
     """Base class. Subclasses are dataclasses of hyperparameters and override the site methods they use."""
@@ -124,6 +124,15 @@ class Method:
     def kv_policy(self) -> KVPolicy | None:
         """How the KV cache stores important / unimportant tokens, or None to leave the cache alone."""
         return None
+
+    def kv_head_groups(self, layer: int, num_heads: int) -> list[torch.Tensor] | None:
+        """``generation_kv`` site: how this layer's heads are split into groups whose caches have their own lengths
+        (each group a tensor of head indices), or None for one group of every head."""
+        return None
+
+    def kv_select(self, inp: GenerationKVInput) -> KVSelection | None:  # pragma: no cover - abstract
+        """``generation_kv`` site: which of the group's keys stay cached (None: keep all)."""
+        raise NotImplementedError
 
     def describe(self) -> str:
         params = ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self))  # type: ignore[arg-type]

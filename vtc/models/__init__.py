@@ -1,1 +1,1 @@
-"""Model components transformers does not ship, in Hugging Face form (TokenPacker's projector, ...)."""
+"""Models and model parts transformers does not ship: TokenPacker's projector (Hugging Face form), VAR (var/)."""

@@ -79,3 +79,33 @@ def default_video_model(device: str = "cpu") -> tuple[Any, Any, str]:
     label = "tiny RANDOM-WEIGHT Qwen2-VL (no toy video checkpoint found): answers are meaningless"
     return model.to(device), proc, label
 
+
+
+TOY_VAR = CHECKPOINTS / "toy-var"  # VQ-VAE + VAR (16 shape x colour classes, 64 px) + the judge classifier
+
+
+def load_judge(path: str | Path = TOY_VAR, device: str = "cpu"):
+    """The toy VAR's judge classifier (:mod:`vtc.zoo.var_classifier`)."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from .var_classifier import ShapeClassifier
+
+    path = Path(path)
+    if not (path / "classifier.safetensors").exists():
+        raise FileNotFoundError(f"no judge classifier in {path} (classifier.safetensors); train it with "
+                                "python -m vtc.zoo.train_var --stage classifier")
+    clf = ShapeClassifier(**json.loads((path / "classifier.json").read_text()))
+    clf.load_state_dict(load_file(str(path / "classifier.safetensors")))
+    return clf.to(device).eval()
+
+
+def load_var(path: str | Path = TOY_VAR, device: str = "cpu", dtype: torch.dtype = torch.float32):
+    """(vae, var) from a folder written by :func:`vtc.models.var.save_folder` (default: the bundled toy VAR)."""
+    from ..models.var import load_folder
+
+    path = Path(path)
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(f"no VAR folder at {path} (config.json, vae.safetensors, var.safetensors)")
+    return load_folder(path, device, dtype)

@@ -100,6 +100,7 @@ import torch.nn.functional as F
 from .processor import build_llava_next_processor, build_llava_processor, build_qwen_processor
 from .qwen_from_llava import distill_tower, qwen_from_llava
 from .shapes import COLORS, SHAPES, ShapesGenerator
+from .training import lr_at, run_log
 from .summary_aux import (SummaryHeads, relevance_targets, summary_targets, word_alignment_loss, word_spread_loss,
                           word_target)
 
@@ -244,15 +245,6 @@ class CaptionEncoder(nn.Module):
         return self.proj(x)
 
 
-def _lr(step: int, progress: float, base: float, warmup: int = 100) -> float:
-    """Linear warm-up over ``warmup`` steps, then cosine decay over ``progress`` in [0, 1], the fraction of the
-    stage's wall-clock budget spent. (The schedule used to assume a fixed time per step; when steps got faster,
-    the learning rate reached 0 at ~2,770 of a 60-minute stage's 4,100 steps.)"""
-    if step < warmup:
-        return base * (step + 1) / warmup
-    return base * 0.5 * (1 + math.cos(math.pi * min(1.0, max(0.0, progress))))
-
-
 PATCH_TARGETS = {"colour": 6, "shape": 5, "digit": 11, "object": 21, "centre": 5}
 
 
@@ -353,7 +345,7 @@ def stage1(model, fam: Family, minutes: float, batch: int, log) -> None:
         pix = fam.pixels([s[0] for s in samples])
         caps = tok([ShapesGenerator.caption(s[1]) for s in samples], return_tensors="pt", padding=True).to(dev)
         for g in opt.param_groups:
-            g["lr"] = _lr(step, (time.time() - t0) / (minutes * 60), 1e-3)
+            g["lr"] = lr_at(step, (time.time() - t0) / (minutes * 60), 1e-3)
         pooled, feats = _tower_features(vt, fam, model, pix)
         img = F.normalize(img_proj(pooled), dim=-1)
         target = torch.stack([patch_labels(sc, IMAGE_SIZE, grid) for _, sc in samples]).to(dev)  # (B, 5, N)
@@ -568,7 +560,7 @@ def language_stage(model, fam: Family, minutes: float, batch: int, log, name: st
         samples = [gen.training_sample(max_questions=qa_per_image, weights=weights) for _ in range(n_img)]
         inputs, lab, scenes, image_of_row = batch_from(samples, fam, model, caption_p, rng, question_first)
         for g in opt.param_groups:
-            g["lr"] = _lr(step, (time.time() - t0) / (minutes * 60), g["base"])
+            g["lr"] = lr_at(step, (time.time() - t0) / (minutes * 60), g["base"])
         if vision_lr == 0:
             out, projected["out"] = forward_frozen_tower(model, fam, inputs, image_of_row, labels=lab,
                                                          output_hidden_states=heads is not None)
@@ -695,19 +687,6 @@ def next_from_llava(fam: Family, path: str):
     from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
 
     return from_toy_llava(path, LlavaNextConfig, LlavaNextForConditionalGeneration)[0]
-
-
-def run_log(out: Path):
-    """Create ``out`` and return a ``log(msg)`` that prints and appends to ``out/train_log.txt``."""
-    out.mkdir(parents=True, exist_ok=True)
-    logf = open(out / "train_log.txt", "w")
-
-    def log(msg: str) -> None:
-        print(msg, flush=True)
-        logf.write(msg + "\n")
-        logf.flush()
-
-    return log
 
 
 def parse_weights(text: str) -> dict[str, float] | None:

@@ -79,7 +79,8 @@ from ..video import load_video, sample_indices, write_video
 from .processor import LETTERS, build_llava_onevision_processor
 from .shapes import COLORS, NUMBERS, SHAPES
 from .shapes_video import DIRECTIONS, DURATIONS, FPS, TASKS, ShapesVideoGenerator
-from .train_toy import IMAGE_SIZE, NEXT_PINPOINTS, PATCH, _lr, from_toy_llava, run_log
+from .train_toy import IMAGE_SIZE, NEXT_PINPOINTS, PATCH, from_toy_llava
+from .training import lr_at, run_log
 
 TRAIN_SEED, VAL_SEED = 4000, 5000
 FRAMES = 32  # Video-MME's default, what the evaluation samples
@@ -552,7 +553,7 @@ def train(model, proc, minutes: float, batch: int, lr: float, aux: float, log, v
         while time.time() - t0 < phase_minutes * 60:
             samples = make_samples(model, proc, stream.take(phase_batch, text_only))
             for g in opt.param_groups:
-                g["lr"] = _lr(step, (time.time() - t0) / (phase_minutes * 60), g["base"])
+                g["lr"] = lr_at(step, (time.time() - t0) / (phase_minutes * 60), g["base"])
             for s in samples if proj else []:  # (a frozen projector's features were computed with the sample)
                 s.refresh(model, grad=True)
             out, lab, evidence, am = batch_forward(model, proc, samples, layer)
