@@ -1,4 +1,4 @@
-"""The ``vtc`` command: ``vtc eval mme|videomme|sweep``, ``vtc data shapes-mme|shapes-video``, ``vtc methods``.
+"""The ``vtc`` command: ``vtc eval mme|videomme|sweep|var``, ``vtc data shapes-mme|shapes-video``, ``vtc methods``.
 
 Everything a user can get wrong (method, budget, hyperparameters, sizes, data, model folder) is checked before a
 model loads, so a sweep fails in its first second; a user error prints one line (what was wrong, what is allowed)
