@@ -45,6 +45,13 @@ def test_from_pretrained_loads_official_layout_files_strictly(tmp_path):
     torch.save({"trainer": {"var_wo_ddp": var.state_dict()}}, tmp_path / "snapshot.pth")  # a training snapshot
     v2, r2 = from_pretrained(tmp_path / "vae.pth", tmp_path / "snapshot.pth", depth=2, patch_nums=PN, **TINY)
     assert r2.vae is v2
+    sd = vae.state_dict()
+    sd["quantize.ema_vocab_hit_SV"] = torch.zeros(10, 64)  # training stats of another schedule: not an error
+    torch.save(sd, tmp_path / "vae_other_stats.pth")
+    v3, _ = from_pretrained(tmp_path / "vae_other_stats.pth", tmp_path / "snapshot.pth", depth=2, patch_nums=PN,
+                            **TINY)
+    assert v3.quantize.ema_vocab_hit_SV.device.type == "cpu" and torch.equal(v3.encoder.conv_in.weight,
+                                                                              vae.encoder.conv_in.weight)
     assert torch.equal(var.generate([1, 2], seed=0), r2.generate([1, 2], seed=0))
     sd = var.state_dict()
     sd["extra.weight"] = torch.zeros(1)

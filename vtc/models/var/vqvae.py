@@ -284,6 +284,6 @@ class VQVAE(nn.Module):
         """As the authors do: a hit-count buffer of another length (training stats only) is not an error."""
         sd = dict(state_dict)
         hit = sd.get("quantize.ema_vocab_hit_SV")
-        if hit is not None and hit.shape != self.quantize.ema_vocab_hit_SV.shape:
-            sd["quantize.ema_vocab_hit_SV"] = self.quantize.ema_vocab_hit_SV
+        if hit is not None and hit.shape != self.quantize.ema_vocab_hit_SV.shape:  # zeros: also on a meta build
+            sd["quantize.ema_vocab_hit_SV"] = torch.zeros(self.quantize.ema_vocab_hit_SV.shape, dtype=hit.dtype)
         return super().load_state_dict(sd, strict=strict, assign=assign)
