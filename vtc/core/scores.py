@@ -47,15 +47,20 @@ def combine_layers(per_layer: list[torch.Tensor], how: str = "sum") -> torch.Ten
     raise ValueError(f"unknown layer ensemble {how!r}; allowed: sum, mean, max, min")
 
 
-def pagerank_importance(logits: torch.Tensor, allowed: torch.Tensor, tau: float = 0.1, iters: int = 5) -> torch.Tensor:
+def pagerank_importance(logits: torch.Tensor, allowed: torch.Tensor, tau: float = 0.1, iters: int = 5,
+                        overwrite: bool = False) -> torch.Tensor:
     """AIM's token importance: PageRank (no damping) over the layer's sharpened attention graph.
 
     logits: (B, H, L, L) scaled q·k; allowed: (B, L, L) bool (causal, non-padding keys).
     M = softmax(logits / tau) over allowed keys; p0 = 1/N over valid tokens; p <- p @ M, ``iters`` times;
-    returns sqrt(mean over heads of p^2), shape (B, L).
+    returns sqrt(mean over heads of p^2), shape (B, L). ``overwrite=True``: ``logits`` (a temporary of the caller's)
+    may be reused as the working buffer, saving (B, H, L, L) copies.
     """
-    x = (logits.float() / tau).masked_fill(~allowed[:, None], float("-inf"))
-    m = torch.softmax(x, dim=-1).nan_to_num(0.0)  # fully masked (padding) rows -> zero rows
+    x = logits.float()
+    if x is logits and not overwrite:
+        x = x.clone()
+    x = x.div_(tau).masked_fill_(~allowed[:, None], float("-inf"))
+    m = torch.softmax(x, dim=-1).nan_to_num_(0.0)  # fully masked (padding) rows -> zero rows
     valid = allowed.any(-1)  # (B, L): rows that attend somewhere = real tokens
     p = valid.float() / valid.float().sum(-1, keepdim=True)
     p = p[:, None, None, :].expand(-1, m.shape[1], 1, -1)
@@ -73,7 +78,8 @@ def pagerank_importance_qk(q: torch.Tensor, k: torch.Tensor, scale: float, allow
     sq = torch.zeros(q.shape[0], q.shape[2], dtype=torch.float32, device=q.device)
     for h0 in range(0, h, heads_per_chunk):
         qc, kc = q[:, h0:h0 + heads_per_chunk].float(), k[:, h0:h0 + heads_per_chunk].float()
-        rms = pagerank_importance(torch.matmul(qc, kc.transpose(-1, -2)) * scale, allowed, tau, iters)
+        rms = pagerank_importance(torch.matmul(qc, kc.transpose(-1, -2)).mul_(scale), allowed, tau, iters,
+                                  overwrite=True)
         sq += rms.pow(2) * qc.shape[1]
     return (sq / h).sqrt()
 
