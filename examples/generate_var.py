@@ -10,9 +10,7 @@ judge classifier sees in the image.
 from __future__ import annotations
 
 import argparse
-import os
 import time
-from pathlib import Path
 
 import torch
 from PIL import Image
@@ -61,11 +59,7 @@ def main() -> None:
         if name == "hack" and "calibration" not in hyper:
             from vtc.hack import with_calibration
 
-            from vtc.adapters import find_adapter
-
-            model_id = find_adapter(var)(var).vision_info().model_id
-            cache = Path(os.environ.get("VTC_CACHE") or Path.home() / ".cache" / "vtc") / "hack" / f"{model_id}.json"
-            hyper = with_calibration(var, hyper, cache, cfg=args.cfg, top_k=args.top_k, top_p=args.top_p)
+            hyper = with_calibration(var, hyper, cfg=args.cfg, top_k=args.top_k, top_p=args.top_p)
             print(f"hack: head calibration {hyper['calibration']}")
         p = vtc.patch(var, name, ratio=args.ratio if args.ratio is not None else 0.5, **hyper)
     t0 = time.perf_counter()

@@ -1,7 +1,6 @@
 """The toy trainers' shared parts: wall-clock schedule and resumable stages."""
 from __future__ import annotations
 
-import pytest
 import torch
 
 from vtc.zoo.training import ClockedStage, run_log

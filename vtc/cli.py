@@ -60,14 +60,15 @@ def _methods(text: str) -> list[str]:
     return [m.strip() for m in text.split(",") if m.strip()]
 
 
-def _cache_dir() -> Path:
+def cache_dir() -> Path:
+    """vtc's cache folder for generated data and calibrations: ``$VTC_CACHE``, default ``~/.cache/vtc``."""
     return Path(os.environ.get("VTC_CACHE") or Path.home() / ".cache" / "vtc")
 
 
 def _cached_split(name: str, write) -> Path:
     """A generated split under the vtc cache (``$VTC_CACHE``, default ``~/.cache/vtc``), written once: later runs
     reuse it instead of leaving a new folder in /tmp each time. Written to a temporary sibling, then renamed."""
-    root = _cache_dir() / "data"
+    root = cache_dir() / "data"
     final = root / name
     if (final / ".complete").exists():
         return final

@@ -107,19 +107,21 @@ def calibrate(model: Any, class_labels: Sequence[int] | None = None, n: int = 50
                            {"class_labels": sorted(set(labels)), "seed": seed, "cfg": cfg})
 
 
-def with_calibration(model: Any, hyperparameters: dict, path: str | Path, n: int = 16, seed: int = 0,
+def with_calibration(model: Any, hyperparameters: dict, path: str | Path | None = None, n: int = 16, seed: int = 0,
                      **generate_kwargs: Any) -> dict:
     """``hyperparameters`` of a ``hack`` run with a calibration: the one given, else ``path`` if it holds one for this
-    model, else one measured now on ``n`` samples and saved to ``path`` (scripts and the CLI use this)."""
+    model, else one measured now on ``n`` samples and saved to ``path`` (scripts and the CLI use this). ``path``
+    defaults to ``<vtc cache>/hack/<model shape>.json`` (``$VTC_CACHE``, default ``~/.cache/vtc``)."""
     if hyperparameters.get("calibration") is not None:
         return hyperparameters
-    path = Path(path)
+    from .adapters import find_adapter
+    from .cli import cache_dir
+
+    info = find_adapter(model)(model).vision_info()
+    path = Path(path) if path is not None else cache_dir() / "hack" / f"{info.model_id}.json"
     if path.is_file():
         try:
-            cal = HackCalibration.load(path)
-            from .adapters import find_adapter
-
-            cal.check(find_adapter(model)(model).vision_info())
+            HackCalibration.load(path).check(info)
             return {**hyperparameters, "calibration": str(path)}
         except ValueError:
             pass  # another model's file: measure again

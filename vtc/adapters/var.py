@@ -38,6 +38,7 @@ class VARAdapter(Adapter):
     def install(self, runtime: Runtime) -> None:
         self.rt = runtime
         m = self.model
+        self.scale_sizes = self.vision_info().scale_sizes
         self._set_instance_attr(m, "make_cache", WrappedMethod(self._make_cache, m.make_cache))
         self._set_instance_attr(m, "generate", WrappedMethod(self._generate, m.generate))
 
@@ -58,7 +59,7 @@ class VARAdapter(Adapter):
                 for layer in cache.layers:  # the kept cache must not hold vtc's hooks (pickling, unpatch)
                     layer.compressor = None
                 rows = cache.batch * (2 if cache.cfg else 1)
-                held = sum(g.pos.shape[1] * g.pos.shape[2] for layer in cache.layers for g in layer.groups)
+                held = sum(layer.stored_tokens() for layer in cache.layers) / rows  # per row, all heads
                 kept = round(held / (self.model.num_heads * len(cache.layers)))
                 st = self.rt.record([cache.layers[0].length] * rows, [kept] * rows)
                 st.kv_bytes = (cache.peak_bytes, cache.dense_peak_bytes)
@@ -69,7 +70,6 @@ class VARAdapter(Adapter):
         with rt.timed():
             if si == 0:
                 self._split_heads(layer)
-            scale_sizes = tuple(p * p for p in m.patch_nums)
             rows = q.shape[0]
             cfg_rows = rows // 2 if m.last_cache is not None and m.last_cache.cfg else rows
             present = tuple((g.heads, g.k.shape[2]) for g in layer.groups)
@@ -77,7 +77,7 @@ class VARAdapter(Adapter):
                 hq = q if g.heads.numel() == q.shape[1] else q[:, g.heads]
                 inp = GenerationKVInput(layer=layer.index, num_layers=m.depth, heads=g.heads, q=hq, k=g.k, v=g.v,
                                         pos=g.pos, key_scale=layer.scale_of(g.pos), scale_index=si,
-                                        scale_sizes=scale_sizes, attn_scale=m.blocks[layer.index].attn.scale,
+                                        scale_sizes=self.scale_sizes, attn_scale=m.blocks[layer.index].attn.scale,
                                         cfg_rows=cfg_rows, layer_groups=present)
                 sel = rt.method.kv_select(inp)
                 if sel is not None:
@@ -88,15 +88,15 @@ class VARAdapter(Adapter):
         groups = self.rt.method.kv_head_groups(layer.index, layer.num_heads)
         if groups is None:
             return
-        heads = torch.cat([h.flatten() for h in groups]).cpu()
+        (g,) = layer.groups
+        groups = [h.flatten().to(g.k.device) for h in groups]
+        heads = torch.cat(groups).cpu()
         if sorted(heads.tolist()) != list(range(layer.num_heads)) or any(h.numel() == 0 for h in groups):
             raise RuntimeError(f"method {self.rt.method.name!r} split layer {layer.index}'s heads into groups that are "
                                f"not a partition of 0..{layer.num_heads - 1}")
-        (g,) = layer.groups
         from ..models.var import KVGroup
 
-        layer.groups = [KVGroup(h.to(g.k.device), g.k[:, h], g.v[:, h], g.pos[:, h]) for h in
-                        (h.to(g.k.device).flatten() for h in groups)]
+        layer.groups = [KVGroup(h, g.k[:, h], g.v[:, h], g.pos[:, h]) for h in groups]
 
     @staticmethod
     def _apply(g, sel: KVSelection) -> None:

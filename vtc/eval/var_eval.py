@@ -8,6 +8,9 @@ seed: batch j of the plan is generated with seed ``seed + j``. Runs are resumabl
 """
 from __future__ import annotations
 
+import contextlib
+import functools
+import json
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -43,8 +46,10 @@ def judge(classifier: torch.nn.Module, images01: torch.Tensor, batch: int = 256)
     return torch.cat(preds), torch.cat(feats)
 
 
+@functools.lru_cache(maxsize=4)
 def real_reference(classifier: torch.nn.Module, per_class: int, num_classes: int, offset: int = 0) -> torch.Tensor:
-    """Judge features of ``per_class`` held-out real images of every class (``offset`` picks another set)."""
+    """Judge features of ``per_class`` held-out real images of every class (``offset`` picks another set); kept for
+    the next run of a sweep, which compares with the same images (do not modify the returned tensor)."""
     from ..zoo import var_shapes as data
 
     labels = [c for c in range(num_classes) for _ in range(per_class)]
@@ -67,42 +72,36 @@ def evaluate_var(var: Any, classifier: torch.nn.Module, out: str | Path | None, 
     {accuracy, fid, fid_real_reference, per_class accuracy, kv bytes (peak, and of an uncompressed cache), seconds}.
     ``out``: a folder for run.json / predictions.jsonl / results.json (rerun the same command to resume)."""
     import vtc
-    from .. import api
 
     hyper = dict(hyperparameters or {})
     num_classes = var.num_classes
     classes = list(classes) if classes is not None else list(range(num_classes))
     batches = [[classes[c] for c in b] for b in plan(len(classes), per_class, batch)]
-    m = api.build_method(method, ratio, None, **hyper) if method else None
-    identity = {"model": model_identity(var), "method": api.describe_method(m) if m else None,
+    m = vtc.build_method(method, ratio, None, **hyper) if method else None
+    identity = {"model": model_identity(var), "method": vtc.api.describe_method(m) if m else None,
                 "settings": {"per_class": per_class, "batch": batch, "cfg": cfg, "top_k": top_k, "top_p": top_p,
                              "seed": seed, "classes": classes}, "judge": model_identity(classifier),
                 "versions": versions()}
     rows: dict[str, dict] = {}
-    handle = vtc.patch(var, m) if m else None
-    try:
-        store = RunStore(out, identity, overwrite) if out else None
-        with (store if store else _Null()):
-            done = store.done if store else {}
-            for j, labels in enumerate(tqdm(batches, desc=f"var {method or 'uncompressed'}", disable=not progress)):
-                key = f"batch{j}"
-                if key in done:
-                    rows[key] = done[key]
-                    continue
-                t0 = time.perf_counter()
-                imgs = var.generate(labels, cfg=cfg, top_k=top_k, top_p=top_p, seed=seed + j)
-                secs = time.perf_counter() - t0
-                cache = var.last_cache
-                preds, feats = judge(classifier, imgs)
-                row = {"key": key, "labels": labels, "preds": preds.tolist(),
-                       "feats": [[round(x, 5) for x in f] for f in feats.tolist()], "seconds": secs,
-                       "kv_peak_bytes": cache.peak_bytes, "kv_dense_bytes": cache.dense_peak_bytes}
-                if store:
-                    store.append([row])
-                rows[key] = row
-    finally:
-        if handle is not None:
-            vtc.unpatch(var)
+    store = RunStore(out, identity, overwrite) if out else None
+    with (vtc.patched(var, m) if m else contextlib.nullcontext()), (store or contextlib.nullcontext()):
+        done = store.done if store else {}
+        for j, labels in enumerate(tqdm(batches, desc=f"var {method or 'uncompressed'}", disable=not progress)):
+            key = f"batch{j}"
+            if key in done:
+                rows[key] = done[key]
+                continue
+            t0 = time.perf_counter()
+            imgs = var.generate(labels, cfg=cfg, top_k=top_k, top_p=top_p, seed=seed + j)
+            secs = time.perf_counter() - t0
+            cache = var.last_cache
+            preds, feats = judge(classifier, imgs)
+            row = {"key": key, "labels": labels, "preds": preds.tolist(),
+                   "feats": [[round(x, 5) for x in f] for f in feats.tolist()], "seconds": secs,
+                   "kv_peak_bytes": cache.peak_bytes, "kv_dense_bytes": cache.dense_peak_bytes}
+            if store:
+                store.append([row])
+            rows[key] = row
     ordered = [rows[f"batch{j}"] for j in range(len(batches))]
     labels = torch.tensor([c for r in ordered for c in r["labels"]])
     preds = torch.tensor([p for r in ordered for p in r["preds"]])
@@ -125,17 +124,8 @@ def evaluate_var(var: Any, classifier: torch.nn.Module, out: str | Path | None, 
     }
     res["kv_fraction"] = res["kv_peak_bytes"] / res["kv_dense_bytes"]
     if out:
-        import json
         (Path(out) / "results.json").write_text(json.dumps(res, indent=1))
     return res
-
-
-class _Null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return None
 
 
 def var_table(rows: list[dict]) -> str:

@@ -17,7 +17,8 @@ from .base import Method
 class GenerationKVMethod(Method):
     """Base of ``generation_kv`` methods: ``ratio`` is the fraction of the cache kept at every scale: once the current
     scale is appended, each head keeps ``round(ratio * T_full)`` keys, T_full being what an uncompressed cache would
-    hold now (every scale so far); nothing is evicted while the cache holds no more than that."""
+    hold now (every scale so far); nothing is evicted while the cache holds no more than that. Subclasses say which
+    keys stay in :meth:`keep`."""
 
     sites: ClassVar[tuple[str, ...]] = ("generation_kv",)
     ratio: float | None
@@ -29,11 +30,18 @@ class GenerationKVMethod(Method):
                              "this model is not one")
         if self.tokens is not None:
             raise ValueError(f"method {self.name!r} takes ratio= (fraction of the KV cache kept), not tokens=")
-        self.info = info
 
     def kv_budget(self, inp: GenerationKVInput) -> int:
         T = inp.k.shape[2]
         return max(1, min(T, int(round(inp.full_length * float(self.ratio)))))  # type: ignore[arg-type]
+
+    def kv_select(self, inp: GenerationKVInput) -> KVSelection | None:
+        b = self.kv_budget(inp)
+        return None if b >= inp.k.shape[2] else KVSelection(self.keep(inp, b))
+
+    def keep(self, inp: GenerationKVInput, b: int) -> torch.Tensor:  # pragma: no cover - abstract
+        """(R, Hg, b) ascending indices of the keys each row and head keeps."""
+        raise NotImplementedError
 
 
 @dataclass
@@ -46,12 +54,8 @@ class SnapKV(GenerationKVMethod):
     tokens: int | None = None
     n_obs: int = 32
 
-    def kv_select(self, inp: GenerationKVInput) -> KVSelection | None:
-        T = inp.k.shape[2]
-        b = self.kv_budget(inp)
-        if b >= T:
-            return None
-        return KVSelection(topk_sorted(observation_scores(inp.q, inp.k, inp.attn_scale, self.n_obs), b))
+    def keep(self, inp: GenerationKVInput, b: int) -> torch.Tensor:
+        return topk_sorted(observation_scores(inp.q, inp.k, inp.attn_scale, self.n_obs), b)
 
 
 @dataclass
@@ -63,14 +67,10 @@ class StreamingKV(GenerationKVMethod):
     tokens: int | None = None
     sink: int = 4
 
-    def kv_select(self, inp: GenerationKVInput) -> KVSelection | None:
+    def keep(self, inp: GenerationKVInput, b: int) -> torch.Tensor:
         R, Hg, T = inp.pos.shape
-        b = self.kv_budget(inp)
-        if b >= T:
-            return None
         s = min(self.sink, b)
-        idx = torch.cat([torch.arange(s), torch.arange(T - (b - s), T)]).to(inp.pos.device)
-        return KVSelection(idx.expand(R, Hg, b))
+        return torch.cat([torch.arange(s), torch.arange(T - (b - s), T)]).to(inp.pos.device).expand(R, Hg, b)
 
 
 @dataclass
@@ -82,11 +82,6 @@ class RandomKV(GenerationKVMethod):
     tokens: int | None = None
     seed: int = 0
 
-    def kv_select(self, inp: GenerationKVInput) -> KVSelection | None:
-        R, Hg, T = inp.pos.shape
-        b = self.kv_budget(inp)
-        if b >= T:
-            return None
+    def keep(self, inp: GenerationKVInput, b: int) -> torch.Tensor:
         gen = torch.Generator().manual_seed(self.seed * 100_003 + inp.layer * 101 + inp.scale_index)
-        noise = torch.rand(R, Hg, T, generator=gen).to(inp.pos.device)
-        return KVSelection(topk_sorted(noise, b))
+        return topk_sorted(torch.rand(*inp.pos.shape, generator=gen).to(inp.pos.device), b)

@@ -93,8 +93,7 @@ class HACK(GenerationKVMethod):
         cal = self.calibration if isinstance(self.calibration, HackCalibration) else HackCalibration.load(
             self.calibration)
         cal.check(info)
-        self.contextual = split_heads(cal.variance, float(self.alpha))
-        self._groups: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.contextual = cal.contextual(float(self.alpha))
 
     def describe(self) -> str:
         cal = self.calibration

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import shutil
 from pathlib import Path
 
 import torch
@@ -40,8 +41,7 @@ def _stream(rng: random.Random, n: int) -> tuple[torch.Tensor, torch.Tensor]:
 def train_vae(out: Path, minutes: float, batch: int, resume: bool, log) -> VQVAE:
     torch.manual_seed(0)
     vae = VQVAE(**TOY_VAE)
-    nn_init = vae.quantize.embedding.weight.data
-    nn_init.uniform_(-1 / vae.V, 1 / vae.V)
+    vae.quantize.embedding.weight.data.uniform_(-1 / vae.V, 1 / vae.V)
     opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0, betas=(0.9, 0.95))
     rng = random.Random(1)
     for step in (stage := ClockedStage(vae, opt, minutes, out / "vae_state.pt", resume)):
@@ -146,8 +146,8 @@ def main() -> None:
         args.out.mkdir(parents=True, exist_ok=True)
         save_file({k: v.contiguous() for k, v in clf.state_dict().items()}, str(args.out / "classifier.safetensors"))
         (args.out / "classifier.json").write_text(json.dumps(clf.config))
-    for f in work.glob(f"{args.stage}_log.txt"):
-        (args.out / f.name).write_text(f.read_text()) if args.out.exists() else None
+    args.out.mkdir(parents=True, exist_ok=True)  # the stage's log goes next to the weights
+    shutil.copy(work / f"{args.stage}_log.txt", args.out)
 
 
 if __name__ == "__main__":
