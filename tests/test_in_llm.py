@@ -216,16 +216,30 @@ def test_merge_schedule_matches_reference_576_288_252():
     assert torch.equal(slots, slots.sort().values)
 
 
-@pytest.mark.parametrize("chunk", [1, 3, 8])
-def test_pagerank_a_few_heads_at_a_time_equals_all_heads(chunk):
+@pytest.mark.parametrize("chunk,block", [(1, 256), (3, 4), (8, 3), (2, 1)])
+def test_pagerank_from_qk_in_blocks_equals_the_full_maps(chunk, block):
     torch.manual_seed(0)
     q, k = torch.randn(2, 7, 10, 16), torch.randn(2, 7, 10, 16)
     allowed = torch.ones(10, 10, dtype=torch.bool).tril()[None].repeat(2, 1, 1)
     allowed[1, :, :3] = False  # a left-padded row: its first three keys are padding
     allowed[1, :3] = False
+    allowed[:, :, 5] = False  # a dropped token, masked as a key (AIM's reference masking): left out
+    allowed[0, :, 8] = False  # masked for one row of the batch only
     full = pagerank_importance(q @ k.transpose(-1, -2) * 0.25, allowed, tau=0.1, iters=5)
-    torch.testing.assert_close(pagerank_importance_qk(q, k, 0.25, allowed, 0.1, 5, heads_per_chunk=chunk), full,
-                               rtol=1e-5, atol=1e-7)
+    got = pagerank_importance_qk(q, k, 0.25, allowed, 0.1, 5, heads_per_chunk=chunk, block=block)
+    torch.testing.assert_close(got, full, rtol=1e-5, atol=1e-7)
+    assert got[1, :3].eq(0).all() and got[:, 5].eq(0).all() and got[0, 8] == 0  # nobody attends to them
+
+
+def test_pagerank_from_qk_with_a_non_causal_mask():
+    torch.manual_seed(1)
+    q, k = torch.randn(1, 3, 23, 8), torch.randn(1, 3, 23, 8)
+    allowed = torch.rand(1, 23, 23) > 0.4
+    allowed[0, 7] = False  # a row that attends nowhere
+    allowed[0, :, 11] = False  # a key nobody sees: left out of the maps
+    full = pagerank_importance(q @ k.transpose(-1, -2) * 0.5, allowed, tau=0.2, iters=4)
+    got = pagerank_importance_qk(q, k, 0.5, allowed, 0.2, 4, heads_per_chunk=2, block=5)
+    torch.testing.assert_close(got, full, rtol=1e-5, atol=1e-7)
 
 
 def test_pagerank_hand_computed():

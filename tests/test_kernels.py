@@ -137,3 +137,51 @@ def test_a_patched_model_runs_its_gathers_through_the_kernels(monkeypatch):
     before = kernels.calls["torch.gather_rows"]
     m(input_ids=torch.tensor([llava_prompt(64, [1, 5], [7, 8])]), pixel_values=torch.randn(1, 3, 64, 64))
     assert kernels.calls["torch.gather_rows"] > before
+
+
+SOFTMAX_CHECK = r"""
+import torch
+from vtc import kernels
+from vtc.kernels import reference
+from vtc.core.scores import pagerank_importance_qk
+g = torch.Generator().manual_seed(0)
+cases = 0
+for b, h, r, s, d, sm in [(2, 3, 37, 53, 20, 0), (2, 3, 37, 53, 20, 21), (1, 2, 33, 40, 128, 40), (3, 1, 1, 7, 8, 7),
+                          (1, 1, 5, 0, 16, 0)]:
+    q, k = torch.randn(b, h, r, d, generator=g) * 2, torch.randn(b, h, s, d, generator=g)
+    allowed = None
+    if sm:
+        allowed = torch.rand(b, r, sm, generator=g) > 0.3
+        if sm == s:
+            allowed[0, 0] = False  # a row with nothing allowed -> zeros
+    got, want = kernels.masked_softmax_qk(q, k, allowed), reference.masked_softmax_qk(q, k, allowed)
+    assert got.shape == want.shape == (b, h, r, s) and not got.isnan().any()
+    # logits reach ~40 here: one float32 ulp of a logit moves its probability by ~4e-6 relative
+    torch.testing.assert_close(got, want, rtol=5e-5, atol=1e-6)
+    if sm == s:
+        assert got[0, :, 0].eq(0).all()
+    buf = torch.full((b * h * r * s + 5,), 7.0)
+    into = buf[5:].view(b, h, r, s)  # written in place, as the PageRank maps are
+    assert kernels.masked_softmax_qk(q[:, :, :], k, allowed, out=into) is into
+    torch.testing.assert_close(into, want, rtol=5e-5, atol=1e-6)
+    cases += 1
+assert kernels.calls["triton.masked_softmax_qk"] == 2 * cases and kernels.calls["torch.masked_softmax_qk"] == 0
+q, k = torch.randn(2, 5, 40, 16, generator=g), torch.randn(2, 5, 40, 16, generator=g)
+allowed = torch.ones(40, 40, dtype=torch.bool).tril()[None].repeat(2, 1, 1)
+allowed[1, :, :4] = False
+allowed[1, :4] = False  # left padding
+allowed[:, :, 20:30] = False  # dropped tokens, masked as keys
+got = pagerank_importance_qk(q, k, 0.25, allowed, 0.1, 5, heads_per_chunk=2, block=16)
+kernels.set_backend("torch")
+want = pagerank_importance_qk(q, k, 0.25, allowed, 0.1, 5, heads_per_chunk=2, block=16)
+torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+print("ok", cases, kernels.calls["triton.masked_softmax_qk"])
+"""
+
+
+def test_masked_softmax_kernel_and_pagerank_equal_the_torch_reference_under_the_interpreter():
+    """The fused masked softmax (no mask, a tail mask, a full mask with an empty row, odd sizes, no keys; into a
+    caller's buffer) and a whole PageRank (padding, dropped keys, row blocks) through it."""
+    env = dict(os.environ, TRITON_INTERPRET="1", VTC_KERNELS="triton")
+    run = subprocess.run([sys.executable, "-c", SOFTMAX_CHECK], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and run.stdout.startswith("ok 5 "), run.stdout + run.stderr[-3000:]

@@ -47,6 +47,8 @@ class _Prefill:
     decisions: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> keep (B, Lk) in LM-input layout
     frozen: dict[int, torch.Tensor] | None = None
     captured: dict[str, Any] = field(default_factory=dict)
+    repacked: bool = False  # index is no longer the identity layout
+    allowed_now: torch.Tensor | None = None  # _current_allowed of the present layout (reset when it changes)
 
 
 class LLMLayerPruner(HookOwner):
@@ -159,12 +161,20 @@ class LLMLayerPruner(HookOwner):
         return allowed[:, None] if kind == "bool" else additive_mask(allowed[:, None], dtype)
 
     def _current_allowed(self, ctx: _Prefill) -> torch.Tensor:
+        """(B, Lc, Lc) bool mask of the present layout, built once per layout (every later layer reuses it)."""
+        if ctx.allowed_now is not None:
+            return ctx.allowed_now
         ix = ctx.index
-        rows = ctx.allowed_in.gather(1, ix[:, :, None].expand(-1, -1, ctx.allowed_in.shape[2]))
-        allowed = rows.gather(2, ix[:, None, :].expand(-1, ix.shape[1], -1)) & (ctx.valid & ctx.key_ok)[:, None, :]
-        eye = torch.eye(ix.shape[1], dtype=torch.bool, device=ix.device)[None]
-        # padding rows (and a query-only row with no key left) attend to themselves: no NaN, no effect on others
-        return allowed | (eye & ~allowed.any(-1, keepdim=True))
+        rows = ctx.allowed_in
+        if ctx.repacked:
+            rows = rows.gather(1, ix[:, :, None].expand(-1, -1, rows.shape[2]))
+            rows = rows.gather(2, ix[:, None, :].expand(-1, ix.shape[1], -1))
+        allowed = rows & (ctx.valid & ctx.key_ok)[:, None, :]
+        empty = ~allowed.any(-1)
+        if bool(empty.any()):  # padding rows (and a query-only row with no key left) attend to themselves: no NaN
+            allowed = allowed | (torch.eye(ix.shape[1], dtype=torch.bool, device=ix.device)[None] & empty[..., None])
+        ctx.allowed_now = allowed
+        return allowed
 
     def _rewrite_prefill(self, ctx: _Prefill, kwargs: dict[str, Any]) -> dict[str, Any]:
         out = dict(kwargs)
@@ -242,6 +252,7 @@ class LLMLayerPruner(HookOwner):
             ctx.captured.pop(k, None)
         ctx.pruned = True
         self.rt.events["llm_layer.prune"] += 1
+        ctx.allowed_now = None
         if self.query_only_drops and i < max(self.plan):  # dropped tokens stay as queries only, masked as keys
             ctx.key_ok = keep
             self.rt.events["llm_layer.mask"] += 1
@@ -249,6 +260,7 @@ class LLMLayerPruner(HookOwner):
         else:
             idx, valid = left_repad_index(keep)
             ctx.index = ctx.index.gather(1, idx)
+            ctx.repacked = True
             ctx.valid = ctx.key_ok = valid
             ctx.visual = ctx.visual.gather(1, idx) & valid
             out = gather_rows(hidden, idx)

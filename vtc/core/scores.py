@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import torch
 
+from .. import kernels
+
 
 def attention_rows(
     q: torch.Tensor,
@@ -70,18 +72,76 @@ def pagerank_importance(logits: torch.Tensor, allowed: torch.Tensor, tau: float 
 
 
 def pagerank_importance_qk(q: torch.Tensor, k: torch.Tensor, scale: float, allowed: torch.Tensor, tau: float = 0.1,
-                           iters: int = 5, heads_per_chunk: int = 4) -> torch.Tensor:
-    """:func:`pagerank_importance` from post-RoPE q (B, H, L, d) and k (B, H, L, d), a few heads at a time, so
-    at most (B, heads_per_chunk, L, L) attention maps exist at once instead of all H (a 6,000-token video prompt
-    with 28 heads would need ~4 GB per fp32 copy). Same result: the RMS over heads is rebuilt from the chunks."""
-    h = q.shape[1]
-    sq = torch.zeros(q.shape[0], q.shape[2], dtype=torch.float32, device=q.device)
-    for h0 in range(0, h, heads_per_chunk):
-        qc, kc = q[:, h0:h0 + heads_per_chunk].float(), k[:, h0:h0 + heads_per_chunk].float()
-        rms = pagerank_importance(torch.matmul(qc, kc.transpose(-1, -2)).mul_(scale), allowed, tau, iters,
-                                  overwrite=True)
-        sq += rms.pow(2) * qc.shape[1]
+                           iters: int = 5, heads_per_chunk: int = 4, block: int = 128) -> torch.Tensor:
+    """:func:`pagerank_importance` from post-RoPE q (B, H, L, d) and k (B, H, L, d), without its full maps.
+
+    Same result (up to float summation order) for any ``allowed`` mask, with less work: rows are taken ``block`` at
+    a time (``heads_per_chunk`` heads at once) and each row block only meets the keys up to its last allowed
+    column, so a causal map is half computed; keys no row may see (padding of a batch of one, tokens AIM dropped
+    earlier) are left out; ``scale / tau`` is folded into q; the masked softmax writes in place
+    (:func:`vtc.kernels.masked_softmax_qk`). When no row sees a later key (causal), rows are walked from the last
+    block to the first and every PageRank step is taken while the block is in cache: a step's scores for a block's
+    rows are final once the rows after it are done, so no map is ever stored. Otherwise the maps of a chunk are
+    kept (about half of (B, heads_per_chunk, L, L)) and the steps run over them.
+    """
+    bsz, h, n, _ = q.shape
+    valid = allowed.any(-1)  # (B, L): rows that attend somewhere = real tokens
+    p0 = valid.float() / valid.float().sum(-1, keepdim=True)
+    cols = allowed.any(1).any(0).nonzero().squeeze(1)  # keys somebody may see
+    every_col = cols.numel() == n
+    spans = _row_block_spans(allowed, cols, block)
+    causal = all(int(cols[e - 1]) < r1 for _, r1, e, _ in spans)
+    hc = min(h, heads_per_chunk)
+    size = [bsz * hc * (r1 - r0) * e for r0, r1, e, _ in spans]
+    buf = torch.empty(max(size, default=0) if causal else sum(size), dtype=torch.float32, device=q.device)
+    sq = torch.zeros(bsz, n, dtype=torch.float32, device=q.device)
+    for h0 in range(0, h, hc):
+        qc = q[:, h0:h0 + hc].float() * (scale / tau)
+        kc = k[:, h0:h0 + hc] if every_col else k[:, h0:h0 + hc].index_select(2, cols)
+        kc = kc.float()
+        c = qc.shape[1]
+        steps = torch.zeros(iters + 1, bsz, c, 1, n, dtype=torch.float32, device=q.device)  # p_t over the rows
+        steps[0] = p0[:, None, None, :]
+        maps, off = [], 0
+        for r0, r1, e, c0 in (reversed(spans) if causal else spans):
+            m = buf[off:off + bsz * c * (r1 - r0) * e].view(bsz, c, r1 - r0, e)
+            off += 0 if causal else m.numel()
+            ok = None  # columns from c0 on hold a disallowed key for some row of the block
+            if c0 < e:
+                ok = allowed[:, r0:r1, c0:e] if every_col else allowed[:, r0:r1].index_select(-1, cols[c0:e])
+            kernels.masked_softmax_qk(qc[:, :, r0:r1], kc[:, :, :e], ok, out=m)
+            for t in range(1, iters + 1 if causal else 2):  # causal: p_{t-1} of these rows is final by now
+                _add_step(steps[t], steps[t - 1, ..., r0:r1] @ m, cols, e, every_col)
+            maps.append((r0, r1, e, m))
+        for t in range(2, 1 if causal else iters + 1):
+            for r0, r1, e, m in maps:
+                _add_step(steps[t], steps[t - 1, ..., r0:r1] @ m, cols, e, every_col)
+        sq += steps[iters].squeeze(2).pow(2).sum(1)
     return (sq / h).sqrt()
+
+
+def _add_step(into: torch.Tensor, part: torch.Tensor, cols: torch.Tensor, e: int, every_col: bool) -> None:
+    """Add a block's share of a PageRank step, given over the first e kept keys, to the scores over all rows."""
+    if every_col:
+        into[..., :e] += part
+    else:
+        into.index_add_(-1, cols[:e], part)
+
+
+def _row_block_spans(allowed: torch.Tensor, cols: torch.Tensor, block: int) -> list[tuple[int, int, int, int]]:
+    """(r0, r1, e, c0) per row block with an allowed key, columns counted among the kept keys ``cols``: keys
+    [0, e) hold every allowed one, those before c0 are allowed for all the block's rows."""
+    spans = []
+    for r0 in range(0, allowed.shape[1], block):
+        r1 = min(allowed.shape[1], r0 + block)
+        rows = allowed[:, r0:r1]
+        seen = rows.any(1).any(0)[cols].nonzero()
+        if seen.numel() == 0:
+            continue
+        e = int(seen.max()) + 1
+        partly = (~rows.all(1).all(0)[cols[:e]]).nonzero()
+        spans.append((r0, r1, e, int(partly.min()) if partly.numel() else e))
+    return spans
 
 
 def attention_received(q: torch.Tensor, k: torch.Tensor, scale: float, chunk: int = 1024) -> torch.Tensor:

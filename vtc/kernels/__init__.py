@@ -130,5 +130,19 @@ def unpack_dequantize(packed: torch.Tensor, bits: int, n: int, step: torch.Tenso
     return reference.unpack_dequantize(packed, bits, n, step, minimum, scale, dtype)
 
 
+def masked_softmax_qk(q: torch.Tensor, k: torch.Tensor, allowed: torch.Tensor | None,
+                      out: torch.Tensor | None = None) -> torch.Tensor:
+    """Softmax over keys of q·kᵀ for q (B, H, R, D), k (B, H, S, D), with ``allowed`` (B, R, Sm) masking the last
+    Sm keys (None: all allowed); rows with nothing allowed -> zeros; float32, into ``out`` when given (AIM's
+    PageRank maps, a row block at a time)."""
+    if q.dim() == 4 and _use_triton(q):
+        from .triton_softmax import masked_softmax_qk as triton_softmax
+
+        calls["triton.masked_softmax_qk"] += 1
+        return triton_softmax(q, k, allowed, out)
+    calls["torch.masked_softmax_qk"] += 1
+    return reference.masked_softmax_qk(q, k, allowed, out)
+
+
 __all__ = ["BACKENDS", "backend", "set_backend", "gather_rows", "add_rows_at", "pack_bits", "unpack_bits",
-           "quantize_pack", "unpack_dequantize", "calls"]
+           "quantize_pack", "unpack_dequantize", "masked_softmax_qk", "calls"]

@@ -58,3 +58,19 @@ def unpack_dequantize(packed: torch.Tensor, bits: int, n: int, step: torch.Tenso
     """``(q * step + minimum) * scale`` in float32, cast to ``dtype``; q unpacked from (B, H, T, ceil(n*bits/8))."""
     x = unpack_bits(packed, bits, n).float() * step.float() + minimum.float()
     return (x if scale is None else x * scale.float()).to(dtype)
+
+
+def masked_softmax_qk(q: torch.Tensor, k: torch.Tensor, allowed: torch.Tensor | None,
+                      out: torch.Tensor | None = None) -> torch.Tensor:
+    """Softmax over the keys of q·kᵀ (q carries any scale), float32: q (B, H, R, D), k (B, H, S, D). ``allowed``
+    (B, R, Sm) bool masks the last Sm <= S keys (the first S - Sm are allowed for every row); None: all allowed. A
+    row that allows no key gives zeros. Written into ``out`` (B, H, R, S) float32 when given (in place: the logits
+    never get a buffer of their own)."""
+    out = torch.matmul(q.float(), k.float().transpose(-1, -2), out=out)
+    sm = 0 if allowed is None else allowed.shape[-1]
+    if sm:
+        out[..., out.shape[-1] - sm:].masked_fill_(~allowed[:, None], float("-inf"))
+    torch.softmax(out, dim=-1, out=out)
+    if sm and sm == out.shape[-1]:
+        out.nan_to_num_(0.0)  # only a mask over every key can leave a row with nothing allowed
+    return out
