@@ -175,13 +175,21 @@ got = pagerank_importance_qk(q, k, 0.25, allowed, 0.1, 5, heads_per_chunk=2, blo
 kernels.set_backend("torch")
 want = pagerank_importance_qk(q, k, 0.25, allowed, 0.1, 5, heads_per_chunk=2, block=16)
 torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+from vtc.core.scores import attention_received
+q, k = torch.randn(3, 45, 24, generator=g), torch.randn(3, 45, 24, generator=g)
+want = attention_received(q, k, 0.2, chunk=16)  # backend still torch
+kernels.set_backend(None)
+before = kernels.calls["triton.masked_softmax_qk"]
+torch.testing.assert_close(attention_received(q, k, 0.2, chunk=16), want, rtol=1e-5, atol=1e-7)
+assert kernels.calls["triton.masked_softmax_qk"] == before + 3  # 45 queries in chunks of 16
 print("ok", cases, kernels.calls["triton.masked_softmax_qk"])
 """
 
 
 def test_masked_softmax_kernel_and_pagerank_equal_the_torch_reference_under_the_interpreter():
     """The fused masked softmax (no mask, a tail mask, a full mask with an empty row, odd sizes, no keys; into a
-    caller's buffer) and a whole PageRank (padding, dropped keys, row blocks) through it."""
+    caller's buffer), a whole PageRank (padding, dropped keys, row blocks) and the attention-received score
+    through it."""
     env = dict(os.environ, TRITON_INTERPRET="1", VTC_KERNELS="triton")
     run = subprocess.run([sys.executable, "-c", SOFTMAX_CHECK], env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0 and run.stdout.startswith("ok 5 "), run.stdout + run.stderr[-3000:]

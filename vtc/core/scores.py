@@ -151,8 +151,8 @@ def attention_received(q: torch.Tensor, k: torch.Tensor, scale: float, chunk: in
     """
     h, n, _ = q.shape
     total = torch.zeros(n, dtype=torch.float32, device=q.device)
-    kf = k.float().transpose(-1, -2)
+    kf = k.float()[None]
     for s in range(0, n, chunk):
-        p = torch.softmax(torch.matmul(q[:, s:s + chunk].float(), kf) * scale, dim=-1)
-        total += p.sum(dim=(0, 1))
+        p = kernels.masked_softmax_qk(q[None, :, s:s + chunk].float() * scale, kf, None)  # (1, H, chunk, n)
+        total += p.sum(dim=(0, 1, 2))
     return total / (h * n)
