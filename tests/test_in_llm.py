@@ -5,7 +5,7 @@ import torch
 
 import vtc
 from vtc.core.merge import bipartite_merge, merge_to
-from vtc.core.scores import pagerank_importance, pagerank_importance_qk
+from vtc.core.scores import pagerank_importance, pagerank_importance_qk, pagerank_tiling
 from vtc.methods import AIM, ClsPruning, Compose, FastV
 from vtc.zoo.tiny import llava_prompt
 
@@ -229,6 +229,13 @@ def test_pagerank_from_qk_in_blocks_equals_the_full_maps(chunk, block):
     got = pagerank_importance_qk(q, k, 0.25, allowed, 0.1, 5, heads_per_chunk=chunk, block=block)
     torch.testing.assert_close(got, full, rtol=1e-5, atol=1e-7)
     assert got[1, :3].eq(0).all() and got[:, 5].eq(0).all() and got[0, 8] == 0  # nobody attends to them
+
+
+def test_pagerank_default_tiling():
+    assert pagerank_tiling("cpu", 16, 32, 6000) == (128, 4)
+    assert pagerank_tiling("cuda", 16, 32, 700) == (1024, 17)  # 512 MiB / (4 B x 16 x 700 x 700)
+    assert pagerank_tiling("cuda", 1, 28, 6273) == (1024, 20)
+    assert pagerank_tiling("cuda", 64, 28, 20000) == (1024, 1)  # never fewer than one head
 
 
 def test_pagerank_from_qk_with_a_non_causal_mask():

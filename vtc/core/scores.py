@@ -72,7 +72,8 @@ def pagerank_importance(logits: torch.Tensor, allowed: torch.Tensor, tau: float 
 
 
 def pagerank_importance_qk(q: torch.Tensor, k: torch.Tensor, scale: float, allowed: torch.Tensor, tau: float = 0.1,
-                           iters: int = 5, heads_per_chunk: int = 4, block: int = 128) -> torch.Tensor:
+                           iters: int = 5, heads_per_chunk: int | None = None,
+                           block: int | None = None) -> torch.Tensor:
     """:func:`pagerank_importance` from post-RoPE q (B, H, L, d) and k (B, H, L, d), without its full maps.
 
     Same result (up to float summation order) for any ``allowed`` mask, with less work: rows are taken ``block`` at
@@ -83,8 +84,14 @@ def pagerank_importance_qk(q: torch.Tensor, k: torch.Tensor, scale: float, allow
     block to the first and every PageRank step is taken while the block is in cache: a step's scores for a block's
     rows are final once the rows after it are done, so no map is ever stored. Otherwise the maps of a chunk are
     kept (about half of (B, heads_per_chunk, L, L)) and the steps run over them.
+
+    Defaults (:func:`pagerank_tiling`): 128 rows x 4 heads on a CPU (a block stays in cache; measured in
+    ``benchmarks/pagerank.py``); on a GPU 1,024 rows and as many heads as keep a block under 512 MiB, for fewer
+    kernel launches (not yet timed on a GPU).
     """
     bsz, h, n, _ = q.shape
+    auto_block, auto_heads = pagerank_tiling(q.device.type, bsz, h, n)
+    block, heads_per_chunk = block or auto_block, heads_per_chunk or auto_heads
     valid = allowed.any(-1)  # (B, L): rows that attend somewhere = real tokens
     p0 = valid.float() / valid.float().sum(-1, keepdim=True)
     cols = allowed.any(1).any(0).nonzero().squeeze(1)  # keys somebody may see
@@ -118,6 +125,15 @@ def pagerank_importance_qk(q: torch.Tensor, k: torch.Tensor, scale: float, allow
                 _add_step(steps[t], steps[t - 1, ..., r0:r1] @ m, cols, e, every_col)
         sq += steps[iters].squeeze(2).pow(2).sum(1)
     return (sq / h).sqrt()
+
+
+def pagerank_tiling(device_type: str, bsz: int, heads: int, n: int) -> tuple[int, int]:
+    """Default (rows per block, heads per chunk) of :func:`pagerank_importance_qk`: 128 x 4 on a CPU; elsewhere
+    1,024 rows and as many heads as keep one fp32 block of (bsz, heads, rows, n) under 512 MiB."""
+    if device_type == "cpu":
+        return 128, 4
+    block = min(1024, max(n, 1))
+    return 1024, max(1, min(heads, (512 << 20) // (4 * bsz * block * max(n, 1))))
 
 
 def _add_step(into: torch.Tensor, part: torch.Tensor, cols: torch.Tensor, e: int, every_col: bool) -> None:
