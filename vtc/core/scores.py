@@ -94,9 +94,8 @@ def pagerank_importance_qk(q: torch.Tensor, k: torch.Tensor, scale: float, allow
     block, heads_per_chunk = block or auto_block, heads_per_chunk or auto_heads
     valid = allowed.any(-1)  # (B, L): rows that attend somewhere = real tokens
     p0 = valid.float() / valid.float().sum(-1, keepdim=True)
-    cols = allowed.any(1).any(0).nonzero().squeeze(1)  # keys somebody may see
+    cols, spans = _row_block_spans(allowed, block)
     every_col = cols.numel() == n
-    spans = _row_block_spans(allowed, cols, block)
     causal = all(int(cols[e - 1]) < r1 for _, r1, e, _ in spans)
     hc = min(h, heads_per_chunk)
     size = [bsz * hc * (r1 - r0) * e for r0, r1, e, _ in spans]
@@ -112,15 +111,16 @@ def pagerank_importance_qk(q: torch.Tensor, k: torch.Tensor, scale: float, allow
         maps, off = [], 0
         for r0, r1, e, c0 in (reversed(spans) if causal else spans):
             m = buf[off:off + bsz * c * (r1 - r0) * e].view(bsz, c, r1 - r0, e)
-            off += 0 if causal else m.numel()
             ok = None  # columns from c0 on hold a disallowed key for some row of the block
             if c0 < e:
                 ok = allowed[:, r0:r1, c0:e] if every_col else allowed[:, r0:r1].index_select(-1, cols[c0:e])
             kernels.masked_softmax_qk(qc[:, :, r0:r1], kc[:, :, :e], ok, out=m)
             for t in range(1, iters + 1 if causal else 2):  # causal: p_{t-1} of these rows is final by now
                 _add_step(steps[t], steps[t - 1, ..., r0:r1] @ m, cols, e, every_col)
-            maps.append((r0, r1, e, m))
-        for t in range(2, 1 if causal else iters + 1):
+            if not causal:  # keep the map for the later steps
+                maps.append((r0, r1, e, m))
+                off += m.numel()
+        for t in range(2, iters + 1):  # (no maps kept when causal)
             for r0, r1, e, m in maps:
                 _add_step(steps[t], steps[t - 1, ..., r0:r1] @ m, cols, e, every_col)
         sq += steps[iters].squeeze(2).pow(2).sum(1)
@@ -144,20 +144,22 @@ def _add_step(into: torch.Tensor, part: torch.Tensor, cols: torch.Tensor, e: int
         into.index_add_(-1, cols[:e], part)
 
 
-def _row_block_spans(allowed: torch.Tensor, cols: torch.Tensor, block: int) -> list[tuple[int, int, int, int]]:
-    """(r0, r1, e, c0) per row block with an allowed key, columns counted among the kept keys ``cols``: keys
-    [0, e) hold every allowed one, those before c0 are allowed for all the block's rows."""
+def _row_block_spans(allowed: torch.Tensor, block: int) -> tuple[torch.Tensor, list[tuple[int, int, int, int]]]:
+    """The keys somebody may see (``cols``, ascending) and (r0, r1, e, c0) per row block with an allowed key, its
+    columns counted among ``cols``: keys [0, e) hold every allowed one, those before c0 are allowed for all the
+    block's rows."""
+    bounds = [(r0, min(allowed.shape[1], r0 + block)) for r0 in range(0, allowed.shape[1], block)]
+    seen = [allowed[:, r0:r1].any(1).any(0) for r0, r1 in bounds]  # (L,) per block: keys its rows may see
+    cols = torch.stack(seen).any(0).nonzero().squeeze(1) if seen else allowed.new_zeros(0, dtype=torch.long)
     spans = []
-    for r0 in range(0, allowed.shape[1], block):
-        r1 = min(allowed.shape[1], r0 + block)
-        rows = allowed[:, r0:r1]
-        seen = rows.any(1).any(0)[cols].nonzero()
-        if seen.numel() == 0:
+    for (r0, r1), block_seen in zip(bounds, seen):
+        mine = block_seen[cols].nonzero()
+        if mine.numel() == 0:
             continue
-        e = int(seen.max()) + 1
-        partly = (~rows.all(1).all(0)[cols[:e]]).nonzero()
+        e = int(mine.max()) + 1
+        partly = (~allowed[:, r0:r1].all(1).all(0)[cols[:e]]).nonzero()
         spans.append((r0, r1, e, int(partly.min()) if partly.numel() else e))
-    return spans
+    return cols, spans
 
 
 def attention_received(q: torch.Tensor, k: torch.Tensor, scale: float, chunk: int = 1024) -> torch.Tensor:

@@ -70,7 +70,7 @@ def masked_softmax_qk(q: torch.Tensor, k: torch.Tensor, allowed: torch.Tensor | 
             else allowed.expand(bsz, r, sm).contiguous().view(torch.uint8))
     grid = (bsz * h, triton.cdiv(r, 32))
     _softmax_kernel[grid](q, k, mask, target, h, r, s, s - sm, d, max(sm, 1), q.stride(0), q.stride(1), q.stride(2),
-                          k.stride(0), k.stride(1), k.stride(2), MASKED=allowed is not None and sm > 0,
+                          k.stride(0), k.stride(1), k.stride(2), MASKED=sm > 0,
                           BM=32, BN=32, BD=max(16, triton.next_power_of_2(d)))
     if target is not out:
         out.copy_(target)
