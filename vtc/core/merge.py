@@ -103,23 +103,19 @@ def merge_into_kept(k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor) -> tup
     """LOOK-M-style averaged merging: each evicted key (and its value) joins the kept key it is most similar to
     (cosine of keys); every kept key/value becomes the mean of itself and the ones that joined it.
 
-    k, v: (..., T, d); keep: (..., K) indices of kept keys. Returns the merged (..., K, d) keys and values."""
-    d, dv = k.shape[-1], v.shape[-1]
-    kept_k = k.gather(-2, keep[..., None].expand(*keep.shape, d))
-    kept_v = v.gather(-2, keep[..., None].expand(*keep.shape, dv))
-    evicted = torch.ones(k.shape[:-1], dtype=torch.bool, device=k.device).scatter(-1, keep, False)
-    unit = torch.nn.functional.normalize
-    sim = unit(k.float(), dim=-1) @ unit(kept_k.float(), dim=-1).transpose(-1, -2)
-    target = sim.argmax(-1)  # (..., T): the kept slot each key is closest to
-    target = torch.where(evicted, target, torch.full_like(target, keep.shape[-1]))  # kept keys: a dummy slot
-    K = keep.shape[-1]
-    sums_k = torch.zeros(*keep.shape[:-1], K + 1, d, dtype=torch.float32, device=k.device)
-    sums_v = torch.zeros(*keep.shape[:-1], K + 1, dv, dtype=torch.float32, device=k.device)
-    count = torch.zeros(*keep.shape[:-1], K + 1, device=k.device)
-    sums_k.scatter_add_(-2, target[..., None].expand(*target.shape, d), k.float())
-    sums_v.scatter_add_(-2, target[..., None].expand(*target.shape, dv), v.float())
-    count.scatter_add_(-1, target, torch.ones_like(target, dtype=torch.float32))
-    n = (count[..., :K] + 1)[..., None]
-    out_k = (kept_k.float() + sums_k[..., :K, :]) / n
-    out_v = (kept_v.float() + sums_v[..., :K, :]) / n
-    return out_k.to(k.dtype), out_v.to(v.dtype)
+    k, v: (..., T, d); keep: (..., K) indices of kept keys. Returns the merged (..., K, d) keys and values. The
+    gathers and the scatter-add run through :mod:`vtc.kernels`, on the leading dims flattened."""
+    t, d, big_k = k.shape[-2], k.shape[-1], keep.shape[-1]
+    kf, vf, idx = k.float().reshape(-1, t, d), v.float().reshape(-1, t, v.shape[-1]), keep.reshape(-1, big_k)
+    kept_k = gather_rows(kf, idx)
+    evicted = torch.ones(kf.shape[:-1], dtype=torch.bool, device=k.device).scatter(-1, idx, False)
+    target = (F.normalize(kf, dim=-1) @ F.normalize(kept_k, dim=-1).transpose(-1, -2)).argmax(-1)  # closest kept slot
+    target = torch.where(evicted, target, torch.full_like(target, big_k))  # kept keys: a dummy slot
+    one = kf.new_ones(*kf.shape[:-1], 1)  # counts ride along as a last column
+    rows = torch.cat([kf, vf, one], -1)
+    kept = torch.cat([kept_k, gather_rows(vf, idx), kf.new_ones(kf.shape[0], big_k, 1)], -1)  # each counts itself
+    joined = kernels.add_rows_at(rows.new_zeros(rows.shape[0], big_k + 1, rows.shape[-1]), target, rows)
+    total = kept + joined[:, :big_k]
+    mean = total[..., :-1] / total[..., -1:]
+    out_k, out_v = mean[..., :d], mean[..., d:]
+    return (out_k.reshape(*keep.shape, d).to(k.dtype), out_v.reshape(*keep.shape, v.shape[-1]).to(v.dtype))
