@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import vtc
+from vtc import kernels
 from vtc.models.var import VAR, VQVAE, build, from_pretrained
 from vtc.models.var.sampling import sample_top_k_top_p
 
@@ -166,10 +167,12 @@ def test_eviction_keeps_the_budget_and_shrinks_memory(method):
     var = tiny_var()
     ref = var.generate([1, 5], seed=4)
     dense = var.last_cache.peak_bytes
+    gathers = kernels.calls["torch.gather_rows"]
     with vtc.patched(var, method, ratio=0.5) as p:
         var.generate([1, 5], seed=4)
         c = var.last_cache
         assert p.events["generation_kv.select"] > 0  # the hook ran
+        assert kernels.calls["torch.gather_rows"] > gathers  # kept keys re-packed through vtc.kernels
         L = sum(x * x for x in PN)
         for layer in c.layers:
             for g in layer.groups:

@@ -167,7 +167,7 @@ class LLMLayerPruner(HookOwner):
         ix = ctx.index
         rows = ctx.allowed_in
         if ctx.repacked:
-            rows = rows.gather(1, ix[:, :, None].expand(-1, -1, rows.shape[2]))
+            rows = gather_rows(rows, ix)
             rows = rows.gather(2, ix[:, None, :].expand(-1, ix.shape[1], -1))
         allowed = rows & (ctx.valid & ctx.key_ok)[:, None, :]
         empty = ~allowed.any(-1)

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from ..core.batch import gather_rows
 from ..hook_owner import WrappedMethod
 from ..runtime import Runtime
 from ..sites import GenerationInfo, GenerationKVInput, KVSelection
@@ -104,8 +105,11 @@ class VARAdapter(Adapter):
         R, Hg, T = g.pos.shape
         if idx.dim() != 3 or idx.shape[:2] != (R, Hg) or idx.shape[2] > T:
             raise RuntimeError(f"kv_select returned index {tuple(idx.shape)}; expected ({R}, {Hg}, K <= {T})")
-        d = g.k.shape[-1]
-        gi = idx[..., None].expand(-1, -1, -1, d)
-        g.k = sel.k if sel.k is not None else g.k.gather(2, gi)
-        g.v = sel.v if sel.v is not None else g.v.gather(2, gi)
-        g.pos = g.pos.gather(2, idx)
+        flat = idx.reshape(R * Hg, -1)  # rows x heads as one batch of ragged-gather rows
+
+        def kept(x: torch.Tensor) -> torch.Tensor:
+            return gather_rows(x.reshape(R * Hg, T, *x.shape[3:]), flat).view(R, Hg, idx.shape[2], *x.shape[3:])
+
+        g.k = sel.k if sel.k is not None else kept(g.k)
+        g.v = sel.v if sel.v is not None else kept(g.v)
+        g.pos = kept(g.pos)
